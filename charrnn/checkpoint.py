@@ -1,0 +1,170 @@
+"""Self-describing checkpoints and the winner manifest.
+
+A checkpoint is a directory:
+    model.pt        weights (a state_dict of tensors only)
+    config.json     the full Config (model.vocab_size filled in) that rebuilds the model
+    vocab.json      the characters, in id order
+    train_state.pt  optimizer, LR schedule and RNG state (tensors and plain numbers only)
+    meta.json       epoch, step, metrics, history, run name; written last
+It loads from its URI alone (a directory, a `winner.json`, or a run directory; local or S3), on
+the CPU even when trained on a GPU. `.pt` files load with `weights_only=True`, so a planted
+pickle that would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from charrnn import storage
+from charrnn.config import Config
+from charrnn.errors import CharrnnError, CheckpointError
+from charrnn.model import CharRNN
+from charrnn.vocab import Vocab
+
+FORMAT_VERSION = 1
+FILES = ("model.pt", "config.json", "vocab.json", "train_state.pt", "meta.json")
+WINNER = "winner.json"
+
+
+@dataclass
+class Loaded:
+    model: CharRNN
+    config: Config
+    vocab: Vocab
+    meta: dict
+    uri: str  # where it was loaded from (the checkpoint directory)
+    path: Path  # the local directory holding its files
+
+
+def save(directory: str | Path, model: CharRNN, config: Config, vocab: Vocab, meta: dict,
+         optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None) -> Path:
+    """Write a checkpoint into a local directory (Ray Train or the local keeper uploads it).
+
+    `model` must be the bare module (unwrap DDP first: see `dist.unwrap`).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / "model.pt")
+    (d / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    (d / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+    torch.save({
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "torch_rng": torch.get_rng_state(),
+    }, d / "train_state.pt")
+    (d / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=2))
+    return d
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path.name}: it holds pickled objects other than tensors and "
+            f"plain data, which could run code ({str(e).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({e})") from None
+
+
+def load_dir(path: str | Path, uri: Optional[str] = None, device: str = "cpu") -> Loaded:
+    """Load a checkpoint from a local directory."""
+    d = Path(path)
+    missing = [f for f in FILES if not (d / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{uri or d}: incomplete checkpoint, missing {', '.join(missing)}")
+    try:
+        config = Config.from_dict(json.loads((d / "config.json").read_text()))
+        vocab = Vocab.from_dict(json.loads((d / "vocab.json").read_text()))
+        meta = json.loads((d / "meta.json").read_text())
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{uri or d}: corrupt checkpoint metadata ({e})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{uri or d}: checkpoint format {meta.get('format')} is not "
+                              f"supported (expected {FORMAT_VERSION})")
+    model = CharRNN(config.model)
+    model.load_state_dict(_torch_load(d / "model.pt"))
+    return Loaded(model.to(device).eval(), config, vocab, meta, uri or str(d), d)
+
+
+def load_train_state(loaded: Loaded) -> dict:
+    return _torch_load(loaded.path / "train_state.pt")
+
+
+def resolve(uri: str) -> str:
+    """A winner manifest, run directory or checkpoint directory URI -> checkpoint directory URI."""
+    if uri.endswith(".json"):
+        return read_winner(uri)["checkpoint_uri"]
+    if storage.exists(storage.join(uri, "model.pt")):
+        return uri
+    if storage.exists(storage.join(uri, WINNER)):
+        return read_winner(storage.join(uri, WINNER))["checkpoint_uri"]
+    if not storage.exists(uri):
+        raise CheckpointError(f"no checkpoint at {uri}: the path does not exist")
+    raise CheckpointError(f"{uri} is neither a checkpoint directory (model.pt), a run directory "
+                          f"({WINNER}) nor a winner manifest")
+
+
+def load(uri: str, device: str = "cpu") -> Loaded:
+    """Load a checkpoint from any URI `resolve` accepts. S3 checkpoints are downloaded first."""
+    ckpt = resolve(uri)
+    local = storage.local_path(ckpt)
+    if local is not None:
+        return load_dir(local, ckpt, device)
+    tmp = Path(tempfile.mkdtemp(prefix="charrnn-ckpt-"))
+    storage.download_dir(ckpt, tmp)
+    return load_dir(tmp, ckpt, device)
+
+
+# ----- winner manifest -----------------------------------------------------------------------
+
+def winner_manifest(run_uri: str, checkpoint_name: str, metrics: dict, run_name: str,
+                    model_summary: dict) -> dict:
+    return {
+        "checkpoint": checkpoint_name,  # relative to the manifest: survives copying the run
+        "checkpoint_uri": storage.join(run_uri, checkpoint_name),
+        "val_loss": metrics["val_loss"],
+        "val_bpc": metrics.get("val_bpc"),
+        "epoch": metrics["epoch"],
+        "step": metrics["step"],
+        "run": run_name,
+        "model": model_summary,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_winner(run_uri: str, manifest: dict) -> str:
+    """Point `winner.json` at a checkpoint, but only one that is complete in storage.
+
+    Call it after the checkpoint's upload returned; the check here guards the invariant that a
+    manifest never names a partial or missing checkpoint. The write itself is atomic.
+    """
+    ckpt = storage.join(run_uri, manifest["checkpoint"])
+    missing = [f for f in FILES if not storage.exists(storage.join(ckpt, f))]
+    if missing:
+        raise CheckpointError(f"not publishing {ckpt} as the winner: missing {', '.join(missing)}")
+    uri = storage.join(run_uri, WINNER)
+    storage.write_text(uri, json.dumps(manifest, indent=2))
+    return uri
+
+
+def read_winner(uri: str) -> dict:
+    try:
+        manifest = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{uri}: not a valid winner manifest ({e})") from None
+    except CharrnnError as e:
+        raise CheckpointError(f"cannot read winner manifest: {e}") from None
+    if "checkpoint" not in manifest:
+        raise CheckpointError(f"{uri}: not a winner manifest (no 'checkpoint' field)")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    manifest["checkpoint_uri"] = storage.join(base, manifest["checkpoint"])
+    return manifest

@@ -1,0 +1,24 @@
+"""What every entry point in `jobs/` shares: user errors as one line, Ctrl-C as a clean exit."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from charrnn.errors import CharrnnError
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    from charrnn.train_loop import Interrupted
+    try:
+        return main()
+    except CharrnnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted:
+        print("interrupted: checkpoint saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

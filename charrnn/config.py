@@ -1,0 +1,241 @@
+"""The typed config tree: YAML and CLI in, dataclasses out.
+
+One `Config` flows from `jobs/train.py` to every training worker and into each checkpoint, and
+Serve rebuilds the model from the `ModelConfig` stored there. Past `Config.from_dict` nothing reads
+a hyperparameter from an untyped dict. Each setting has one dotted name (`model.hidden_size`),
+used alike in YAML, in `--set key=value` overrides and in the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from charrnn.errors import ConfigError
+from charrnn.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "gutenberg:11"
+    """Corpus source: a local path, `s3://bucket/key`, an `http(s)://` URL or `gutenberg:<id>`."""
+    lowercase: bool = True
+    """Lower-case the text before building the vocabulary (as the tutorial does)."""
+    drop_chars: str = ""
+    """Characters removed from the text before training (the tutorial's "remove punctuation")."""
+    min_char_count: int = 0
+    """Drop every character that occurs fewer than this many times (0 keeps all)."""
+    decode_errors: str = "strict"
+    """`strict`: undecodable bytes are an error naming the offset; `replace`: they become U+FFFD."""
+    cache_dir: str = "~/.cache/charrnn"
+    """Where `gutenberg:` and URL downloads are cached and reused."""
+    seq_len: int = 100
+    """Characters per training window; every position of a window is a target."""
+    stride: int = 100
+    """Distance between window starts; `stride == seq_len` makes each character a target once."""
+    val_fraction: float = 0.1
+    """The last fraction of the text held out for validation (split contiguously)."""
+
+    def __post_init__(self):
+        _check(self.seq_len >= 1, "data.seq_len must be >= 1")
+        _check(1 <= self.stride, "data.stride must be >= 1")
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
+        _check(self.min_char_count >= 0, "data.min_char_count must be >= 0")
+        _check(self.decode_errors in ("strict", "replace"), "data.decode_errors must be strict|replace")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    """Passes over the training windows."""
+    batch_size: int = 64
+    """Windows per optimizer step per worker."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at `lr * min_lr_ratio`."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    max_minutes: float = 0.0
+    """Stop (after saving a checkpoint) once training has run this long; 0 means no limit."""
+    seed: int = 1337
+    """Seeds weights, window offsets, shuffling and dropout."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on GPUs that support it, else fp32), `bf16` or `fp32`."""
+    threads: int = 0
+    """torch intra-op threads per worker; 0 picks the worker's CPU share."""
+    log_every_steps: int = 50
+    """Progress line interval in steps (0 disables; epoch lines always print)."""
+    sample_chars: int = 80
+    """Length of the sample printed at each evaluation."""
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _check(self.warmup_steps >= 0 and self.grad_clip >= 0, "train.warmup_steps/grad_clip >= 0")
+        _check(self.max_minutes >= 0, "train.max_minutes must be >= 0")
+        _check(self.precision in ("auto", "bf16", "fp32"), "train.precision must be auto|bf16|fp32")
+        _check(self.threads >= 0 and self.sample_chars >= 0, "train.threads/sample_chars >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "charrnn"
+    """Run name; re-running with the same name and storage resumes the run."""
+    storage: str = "./runs"
+    """Where runs live: a local directory or `s3://bucket/prefix`."""
+    s3_endpoint_url: str = ""
+    """S3-compatible endpoint (MinIO, Ceph); empty reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
+    s3_region: str = ""
+    """S3 region; empty reads AWS_REGION (then us-east-1)."""
+    keep_checkpoints: int = 3
+    """Keep the best K checkpoints by validation loss (the latest is kept too, for resuming)."""
+    checkpoint_every_steps: int = 0
+    """Also evaluate and checkpoint every N steps (0: only at the end of each epoch)."""
+    max_failures: int = 3
+    """Worker-group restarts Ray Train may make after failures (Ray mode)."""
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "run.name must be non-empty, without '/'")
+        _check(bool(self.storage), "run.storage must be set")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0")
+        _check(self.max_failures >= -1, "run.max_failures must be >= -1 (-1: unlimited)")
+
+
+@dataclass
+class ScalingConfig:
+    workers: int = 0
+    """Ray Train workers; 0 trains in this process (local mode)."""
+    gpus_per_worker: Optional[float] = None
+    """GPUs per worker; unset means 1 when the cluster has GPUs, else 0."""
+    cpus_per_worker: float = 0.8
+    """CPUs reserved per worker: below 1 on small machines, so Ray Data keeps CPU to run on."""
+
+    def __post_init__(self):
+        _check(self.workers >= 0, "scaling.workers must be >= 0")
+        _check(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
+               "scaling.gpus_per_worker must be >= 0")
+        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return from_dict(cls, d)
+
+    def replace(self, **sections) -> "Config":
+        """A copy with whole sections swapped (e.g. `model=...` after the vocabulary is known)."""
+        return dataclasses.replace(self, **sections)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)  # `from_dict` turns it into a ConfigError
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls, d: Any, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def apply_override(d: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` override to the nested dict `d` (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = Config()
+    for p in parts:  # validate the path against the schema, not the (possibly partial) dict
+        if not dataclasses.is_dataclass(node) or p not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"--set: unknown config key {key!r}")
+        node = getattr(node, p)
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(f"--set: {key!r} is a section; set one of its fields")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    if isinstance(node, str) and not isinstance(value, str):
+        value = raw  # `--set data.drop_chars=123` means the string "123"
+    cursor = d
+    for p in parts[:-1]:
+        cursor = cursor.setdefault(p, {})
+    cursor[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
+    d: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for o in overrides:
+        apply_override(d, o)
+    return Config.from_dict(d)

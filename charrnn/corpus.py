@@ -1,0 +1,114 @@
+"""Corpus loading and cleaning: source -> bytes -> text, the way training and sampling see it.
+
+Sources: a local path, `s3://bucket/key`, an `http(s)://` URL, or `gutenberg:<id>` (downloaded
+once into the cache and reused). Project Gutenberg's licence header and footer are cut at their
+START/END marker lines; CRLF and CR become LF; the text is lower-cased by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from charrnn.config import DataConfig
+from charrnn.errors import CorpusError
+from charrnn.vocab import rare_chars
+
+# Overridable so tests (and mirrors) can serve books from a local HTTP server.
+GUTENBERG_URL = os.environ.get(
+    "CHARRNN_GUTENBERG_URL", "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt")
+DOWNLOAD_TIMEOUT_S = 30
+
+_START = re.compile(r"^\ufeff?\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
+_END = re.compile(r"^\ufeff?\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
+
+
+def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
+    """Raw bytes of a corpus source, downloading (and caching) remote books."""
+    if source.startswith("gutenberg:"):
+        book = source.split(":", 1)[1]
+        if not book.isdigit():
+            raise CorpusError(f"--corpus {source}: expected gutenberg:<numeric id>, e.g. gutenberg:11")
+        url = GUTENBERG_URL.format(id=book)
+        return _cached_download(url, Path(cache_dir).expanduser() / "gutenberg" / f"pg{book}.txt")
+    if source.startswith(("http://", "https://")):
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        return _cached_download(source, Path(cache_dir).expanduser() / "url" / f"{digest}.txt")
+    if source.startswith("s3://"):
+        from charrnn import storage  # S3 only when asked for
+        return storage.read_bytes(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {source}")
+    return path.read_bytes()
+
+
+def _cached_download(url: str, cache: Path) -> bytes:
+    if cache.is_file():
+        return cache.read_bytes()
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+            data = r.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CorpusError(f"cannot download {url} ({reason}); if this machine is offline, "
+                          "pass --corpus PATH to a local copy of the text") from None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(cache)  # atomic: a half-written download is never reused
+    return data
+
+
+def decode(data: bytes, source: str, errors: str = "strict") -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"{source}: byte 0x{data[e.start]:02x} at offset {e.start} is not valid UTF-8; "
+            "set data.decode_errors=replace (--set data.decode_errors=replace) to replace it") from None
+
+
+def strip_gutenberg(text: str) -> str:
+    """Keep what lies between the START and END marker lines, when the text has them."""
+    start = _START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text
+
+
+def clean(text: str, opts: DataConfig) -> str:
+    """Normalise a decoded text: strip Gutenberg boilerplate, CRLF/CR -> LF, case, dropped chars."""
+    text = strip_gutenberg(text.lstrip("\ufeff"))
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n") + "\n"
+    if opts.lowercase:
+        text = text.lower()
+    drop = set(opts.drop_chars)
+    if opts.min_char_count:
+        drop |= set(rare_chars(text, opts.min_char_count))
+    if drop:
+        text = "".join(c for c in text if c not in drop)
+    if not text.strip():
+        raise CorpusError("the corpus is empty after cleaning")
+    return text
+
+
+def normalize_prompt(prompt: str, opts: DataConfig) -> str:
+    """Apply to a prompt the case and line-ending rules the model was trained with."""
+    prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")
+    return prompt.lower() if opts.lowercase else prompt
+
+
+def load_text(opts: DataConfig) -> str:
+    """`opts.corpus` -> cleaned text, with one-line `CorpusError`s for every user mistake."""
+    raw = fetch_bytes(opts.corpus, opts.cache_dir)
+    return clean(decode(raw, opts.corpus, opts.decode_errors), opts)

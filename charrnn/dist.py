@@ -1,0 +1,145 @@
+"""The distributed rules, in one place: who writes, who reports, how shards and DDP work.
+
+The training loop (`train_loop.py`) talks only to a `Backend`:
+- `LocalBackend`: one process, no Ray; its shard is the whole epoch, and a small keeper copies
+  checkpoints into the run directory and keeps the best K (Ray's local mode keeps nothing).
+- `RayBackend`: a Ray Train worker. Its shard comes from Ray Data (`get_dataset_shard`), the
+  model is wrapped in DDP (gloo on CPU, NCCL on GPU), sums are all-reduced, and checkpoints go
+  through `ray.train.report`, which uploads them and keeps the best K (`CheckpointConfig`).
+Rules: every rank calls `report` at the same points; only rank 0 passes a checkpoint and
+writes run files (winner manifest, metrics, plot); metrics are all-reduced before reporting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from charrnn import storage
+from charrnn.data import local_index_batches
+
+KEEPER_INDEX = "checkpoints.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under a DDP wrapper (what checkpoints store)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class Backend:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    run_uri: str = ""
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone writes checkpoints and run files."""
+        return self.rank == 0
+
+    def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[Path], name: str) -> None:
+        raise NotImplementedError
+
+    def resume_dir(self) -> Optional[Path]:
+        """A local directory holding the checkpoint to resume from, or None for a fresh run."""
+        raise NotImplementedError
+
+
+class LocalBackend(Backend):
+    """Single process. Checkpoints: `<run>/<name>/`, indexed in `<run>/checkpoints.json`."""
+
+    def __init__(self, run_uri: str, keep: int, device: Optional[str] = None):
+        self.run_uri = run_uri
+        self.keep = keep
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        index = storage.join(run_uri, KEEPER_INDEX)
+        self.entries: list[dict] = (json.loads(storage.read_text(index))
+                                    if storage.exists(index) else [])
+
+    def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
+        return local_index_batches(num_windows, batch_size)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[Path], name: str) -> None:
+        if checkpoint_dir is None:
+            return
+        storage.upload_dir(checkpoint_dir, storage.join(self.run_uri, name))
+        self.entries.append({"name": name, "val_loss": metrics["val_loss"], "step": metrics["step"]})
+        # Keep the best K by validation loss, and always the latest (to resume from).
+        best = sorted(self.entries, key=lambda e: e["val_loss"])[: self.keep]
+        kept = [e for e in self.entries if e in best or e is self.entries[-1]]
+        storage.write_text(storage.join(self.run_uri, KEEPER_INDEX), json.dumps(kept, indent=1))
+        for e in self.entries:
+            if e not in kept:
+                storage.delete_dir(storage.join(self.run_uri, e["name"]))
+        self.entries = kept
+
+    def resume_dir(self) -> Optional[Path]:
+        if not self.entries:
+            return None
+        uri = storage.join(self.run_uri, self.entries[-1]["name"])
+        local = storage.local_path(uri)
+        return local if local is not None else storage.download_dir(
+            uri, Path(tempfile.mkdtemp(prefix="charrnn-resume-")))
+
+
+class RayBackend(Backend):
+    """Inside a Ray Train worker (`TorchTrainer` has set up the process group)."""
+
+    def __init__(self, run_uri: str):
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_uri = run_uri
+
+    def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
+        import ray.train
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield batch["id"]
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[Path], name: str) -> None:
+        import ray.train
+        ckpt = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+                if checkpoint_dir is not None and self.is_writer else None)
+        # Every rank reports; the upload (rank 0) finishes before this returns (SYNC mode).
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+    def resume_dir(self) -> Optional[Path]:
+        import ray.train
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix="charrnn-resume-"))
+        shutil.rmtree(tmp)
+        return Path(ckpt.to_directory(str(tmp)))

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad flag, a missing file, an unreachable bucket) raises
+`CharrnnError` with a one-line message; the CLIs in `jobs/` print it without a traceback and
+exit with status 2. Everything else is a bug and keeps its traceback.
+"""
+
+
+class CharrnnError(Exception):
+    """An error caused by user input or the environment, with a message meant for a person."""
+
+
+class ConfigError(CharrnnError):
+    """A config file, `--set` override or field value is invalid."""
+
+
+class CorpusError(CharrnnError):
+    """The corpus cannot be read, decoded or used."""
+
+
+class VocabError(CharrnnError):
+    """Text holds characters outside the model's vocabulary."""
+
+
+class CheckpointError(CharrnnError):
+    """A checkpoint is missing, incomplete or unsafe to load."""
+
+
+class StorageError(CharrnnError):
+    """Storage (local or S3) is unreachable, missing or refuses access."""

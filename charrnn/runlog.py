@@ -1,0 +1,86 @@
+"""The run record a person reads: log lines, per-evaluation metrics (CSV + JSON), a loss curve.
+
+Written by rank 0 beside the checkpoints: `<run>/metrics.csv`, `<run>/metrics.json` and
+`<run>/loss_curve.png` (train vs validation loss in nats/char against optimizer steps).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+
+from charrnn import storage
+
+LN2 = math.log(2)
+COLUMNS = ("epoch", "step", "train_loss", "val_loss", "train_bpc", "val_bpc", "lr",
+           "chars_per_s", "elapsed_s")
+
+
+def bpc(nats: float) -> float:
+    """nats/char -> bits/char."""
+    return nats / LN2
+
+
+def fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def epoch_line(m: dict, epochs: int, eta_s: float, sample: str) -> str:
+    return (f"epoch {m['epoch']:.2f}/{epochs} step {m['step']} | "
+            f"train {m['train_loss']:.4f} nats/char ({m['train_bpc']:.3f} bpc) | "
+            f"val {m['val_loss']:.4f} nats/char ({m['val_bpc']:.3f} bpc) | "
+            f"{m['chars_per_s']:,.0f} chars/s | eta {fmt_duration(eta_s)} | "
+            f"sample: {sample!r}")
+
+
+def progress_line(epoch: int, epochs: int, step: int, steps: int, loss: float,
+                  chars_per_s: float, eta_s: float) -> str:
+    return (f"  epoch {epoch + 1}/{epochs} step {step}/{steps} | loss {loss:.4f} | "
+            f"{chars_per_s:,.0f} chars/s | eta {fmt_duration(eta_s)}")
+
+
+def to_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(history)
+    return buf.getvalue()
+
+
+def plot_png(history: list[dict]) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [m["train_loss"] for m in history], "o-", label="train")
+    ax.plot(steps, [m["val_loss"] for m in history], "s-", label="validation")
+    best = min(history, key=lambda m: m["val_loss"])
+    ax.axhline(best["val_loss"], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/char)",
+           title=f"charrnn: best validation {best['val_loss']:.3f} nats/char at step {best['step']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_record(run_uri: str, history: list[dict]) -> None:
+    """Rewrite metrics and the loss curve (history is small: one row per evaluation)."""
+    storage.write_text(storage.join(run_uri, "metrics.json"), json.dumps(history, indent=1))
+    storage.write_text(storage.join(run_uri, "metrics.csv"), to_csv(history))
+    if history:
+        storage.write_bytes(storage.join(run_uri, "loss_curve.png"), plot_png(history))
+
+
+def now() -> float:
+    return time.monotonic()

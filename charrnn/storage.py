@@ -1,0 +1,204 @@
+"""Where runs live: a local directory or S3-compatible storage (AWS S3, MinIO, Ceph), via pyarrow.
+
+URIs are `s3://bucket/prefix` or local paths. The S3 endpoint and region come from the run config
+or the standard variables (AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL; AWS_REGION). Credentials
+are never passed around: pyarrow and boto3 read AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or
+~/.aws, or instance metadata) in whichever process touches storage, so they never enter a
+config, a checkpoint, a metric or a log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from charrnn.errors import StorageError
+
+# Set once from the run config by the entry point; env variables are the fallback.
+_settings = {"endpoint_url": "", "region": ""}
+
+
+def configure(endpoint_url: str = "", region: str = "") -> None:
+    """Use this S3 endpoint/region for every later `s3://` access in this process."""
+    _settings.update(endpoint_url=endpoint_url, region=region)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_endpoint() -> str:
+    return (_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or "")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    kwargs: dict = dict(
+        region=_settings["region"] or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        connect_timeout=5, request_timeout=30,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    )
+    endpoint = s3_endpoint()
+    if endpoint:
+        u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """URI -> (filesystem, path inside it): `s3://b/p` -> (S3, "b/p"); local -> absolute path."""
+    if is_s3(uri):
+        path = uri[len("s3://"):].strip("/")
+        if not path:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
+        return s3_filesystem(), path
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def _wrap(uri: str, e: Exception) -> StorageError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "AWS Error ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
+        hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    elif "NETWORK_CONNECTION" in msg or "Couldn't connect" in msg or "curlCode" in msg:
+        hint = f"is the endpoint {s3_endpoint() or '(AWS default)'} reachable? (AWS_ENDPOINT_URL)"
+    elif "NoSuchBucket" in msg or "NO_SUCH_BUCKET" in msg:
+        hint = "the bucket does not exist"
+    else:
+        hint = ""
+    return StorageError(f"{uri}: {msg}" + (f" ({hint})" if hint else ""))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise _wrap(uri, e) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+    except OSError as e:
+        raise _wrap(uri, e) from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object/file atomically: readers see the old or the new content, never half.
+
+    An S3 PUT is atomic by itself; locally we write a temporary file and rename it over.
+    """
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as e:
+        raise _wrap(uri, e) from None
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local directory to `uri`. Locally the copy is renamed into place (all or nothing)."""
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(local_dir, tmp)
+            os.replace(tmp, path)
+        else:
+            pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
+    except OSError as e:
+        raise _wrap(uri, e) from None
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    fs, path = resolve(uri)
+    try:
+        pafs.copy_files(path, str(local_dir), source_filesystem=fs)
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+    except OSError as e:
+        raise _wrap(uri, e) from None
+    return Path(local_dir)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _wrap(uri, e) from None
+
+
+def local_path(uri: str) -> Optional[Path]:
+    """The local path of a non-S3 URI (None for S3)."""
+    return None if is_s3(uri) else Path(uri).expanduser().resolve()
+
+
+def check_storage(uri: str) -> None:
+    """Fail fast, before training, when the storage cannot be written: missing bucket, wrong
+    credentials or an unreachable endpoint each get a one-line error instead of a hang."""
+    if not is_s3(uri):
+        p = Path(uri).expanduser()
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create storage directory {uri}: {e.strerror}") from None
+        if not os.access(p, os.W_OK):
+            raise StorageError(f"storage directory {uri} is not writable")
+        return
+    import boto3  # boto3 reports S3 errors with codes; pyarrow only with text
+    import botocore.config
+    import botocore.exceptions
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint() or None,
+        region_name=_settings["region"] or os.environ.get("AWS_REGION") or "us-east-1",
+        config=botocore.config.Config(connect_timeout=5, read_timeout=10,
+                                      retries={"max_attempts": 2}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.NoCredentialsError:
+        raise StorageError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY)") from None
+    except botocore.exceptions.EndpointConnectionError:
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint {s3_endpoint() or '(AWS)'} "
+                           "(check AWS_ENDPOINT_URL / run.s3_endpoint_url)") from None
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
+        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            raise StorageError(f"{uri}: access to bucket {bucket!r} denied ({code}); check "
+                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+        raise StorageError(f"{uri}: S3 error {code}: {e}") from None

@@ -1,0 +1,250 @@
+"""The per-worker training function: the same code in local mode and on every Ray Train worker.
+
+`train_loop_per_worker(loop_config)` receives plain data (config dict, vocabulary, corpus ids or
+a Ray object reference to them) and a mode; everything distributed goes through `dist.Backend`.
+Each evaluation (end of epoch, every `run.checkpoint_every_steps`, time limit, Ctrl-C) measures
+validation loss on all ranks, all-reduces it, saves a checkpoint (rank 0) and reports.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from charrnn import checkpoint, runlog
+from charrnn.config import Config
+from charrnn.data import EpochPlan, split_corpus, val_batches
+from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
+from charrnn.generate import SampleParams, generate
+from charrnn.model import CharRNN
+from charrnn.vocab import Vocab
+
+
+class Interrupted(Exception):
+    """Raised in local mode after Ctrl-C, once the checkpoint is saved."""
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = Config.from_dict(loop_config["config"])
+    vocab = Vocab(loop_config["vocab"])
+    ids = loop_config["ids"]
+    if loop_config["mode"] == "ray":
+        import ray
+        if isinstance(ids, ray.ObjectRef):
+            ids = ray.get(ids)  # zero-copy view of the node's shared-memory copy
+        backend: Backend = RayBackend(loop_config["run_uri"])
+    else:
+        backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints)
+    Trainer(cfg, vocab, ids, backend).fit()
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, vocab: Vocab, ids: np.ndarray, backend: Backend):
+        self.cfg, self.vocab, self.b = cfg, vocab, backend
+        t = cfg.train
+        torch.manual_seed(t.seed + backend.rank)  # dropout streams differ per rank
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.train, self.val = split_corpus(ids, cfg.data)
+        self.K = self.train.num_windows
+        self.steps_per_epoch = math.ceil((self.K // backend.world) / t.batch_size)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        model = CharRNN(cfg.model)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                     betas=(0.9, 0.99))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, self.total_steps, t))
+        self.epoch = self.epoch_step = self.step = 0
+        self.history: list[dict] = []
+        self.best = float("inf")
+        self.elapsed_before = 0.0  # training time of earlier attempts of this run
+        resume = backend.resume_dir()
+        if resume is not None:
+            self._restore(model, resume)
+        self.model = backend.wrap(model)
+        dev = backend.device
+        use_bf16 = t.precision == "bf16" or (
+            t.precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16
+                         else nullcontext())
+        self._reset_meter()
+
+    # ----- state ------------------------------------------------------------------------
+    def _restore(self, model: CharRNN, directory: Path) -> None:
+        loaded = checkpoint.load_dir(directory)
+        if loaded.vocab != self.vocab or loaded.config.model != self.cfg.model:
+            raise checkpoint.CheckpointError(
+                f"run {self.cfg.run.name!r} already holds a checkpoint of a different model or "
+                "vocabulary; use another --name to start a new run")
+        model.load_state_dict(loaded.model.state_dict())
+        state = checkpoint.load_train_state(loaded)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        m = loaded.meta
+        self.epoch, self.epoch_step, self.step = m["next_epoch"], m["epoch_step"], m["step"]
+        self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
+        if self.b.is_writer:
+            print(f"resuming run {self.cfg.run.name!r} from {directory.name}: epoch "
+                  f"{self.epoch + 1}, step {self.step}, best val {self.best:.4f}", flush=True)
+
+    def _reset_meter(self) -> None:
+        self.loss_sum = self.loss_count = 0.0
+        self.meter_t0, self.meter_chars = time.monotonic(), 0
+
+    # ----- loop -------------------------------------------------------------------------
+    def fit(self) -> None:
+        t = self.cfg.train
+        self.t0, self.start_step = time.monotonic(), self.step
+        if self.b.is_writer:
+            m = unwrap(self.model)
+            print(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
+                  f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
+                  f"{t.epochs} epochs, device {self.b.device}", flush=True)
+        try:
+            while self.epoch < t.epochs:
+                out_of_time = self._run_epoch()
+                if self.epoch_step >= self.steps_per_epoch:
+                    self.epoch, self.epoch_step = self.epoch + 1, 0
+                self._evaluate("time limit" if out_of_time else "epoch")
+                if out_of_time:
+                    print("stopping: train.max_minutes reached", flush=True) if self.b.is_writer else None
+                    break
+        except KeyboardInterrupt:
+            if isinstance(self.b, LocalBackend):
+                self._evaluate("interrupted")
+                raise Interrupted() from None
+            raise
+        if self.b.is_writer and self.history:
+            self._publish_winner(final=True)
+
+    def _run_epoch(self) -> bool:
+        """One epoch (or what remains of it after a resume). True when the time limit hit."""
+        t = self.cfg.train
+        plan = EpochPlan(self.train, t.seed, self.epoch)
+        skip, stop = self.epoch_step, False
+        for i, idx in enumerate(self.b.index_batches(self.K, t.batch_size)):
+            if i < skip or i >= self.steps_per_epoch or stop:
+                continue  # drain the shard so every worker ends the epoch together
+            x, y = (torch.from_numpy(a).to(self.b.device, non_blocking=True) for a in plan.batch(idx))
+            self._train_step(x, y)
+            self.epoch_step = i + 1
+            every = self.cfg.run.checkpoint_every_steps
+            if every and self.step % every == 0 and self.epoch_step < self.steps_per_epoch:
+                self._evaluate("interval")
+            if t.log_every_steps and self.step % t.log_every_steps == 0 and self.b.is_writer:
+                self._progress()
+            if t.max_minutes:
+                over = time.monotonic() - self.t0 > t.max_minutes * 60
+                stop = self.b.all_reduce_sum([float(over)])[0] > 0  # all ranks stop together
+        return stop
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model.train()
+        with self.autocast:
+            logits, _ = self.model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.loss_sum += loss.item() * y.numel()
+        self.loss_count += y.numel()
+        self.meter_chars += y.numel()
+
+    def _progress(self) -> None:
+        dt = time.monotonic() - self.meter_t0
+        cps = self.meter_chars * self.b.world / max(dt, 1e-9)
+        left = (self.total_steps - self.step) * self.cfg.train.batch_size * self.cfg.data.seq_len
+        print(runlog.progress_line(self.epoch, self.cfg.train.epochs, self.epoch_step,
+                                   self.steps_per_epoch, self.loss_sum / max(self.loss_count, 1),
+                                   cps, left * self.b.world / max(cps, 1e-9)), flush=True)
+
+    @torch.no_grad()
+    def _val_sums(self) -> tuple[float, float]:
+        self.model.eval()
+        total = count = 0.0
+        for x, y in val_batches(self.val, self.cfg.train.batch_size, self.b.rank, self.b.world):
+            x, y = torch.from_numpy(x).to(self.b.device), torch.from_numpy(y).to(self.b.device)
+            with self.autocast:
+                logits, _ = unwrap(self.model)(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+        return total, count
+
+    def _evaluate(self, reason: str) -> None:
+        """All ranks: validate, all-reduce, checkpoint (rank 0), report. Resets the meter."""
+        dt = time.monotonic() - self.meter_t0
+        vs, vc = self._val_sums()
+        vs, vc, ts, tc, chars = self.b.all_reduce_sum(
+            [vs, vc, self.loss_sum, self.loss_count, float(self.meter_chars)])
+        elapsed = self.elapsed_before + time.monotonic() - self.t0
+        val_loss = vs / vc
+        train_loss = ts / tc if tc else float("nan")
+        metrics = {
+            "epoch": self.epoch + self.epoch_step / self.steps_per_epoch,
+            "step": self.step, "train_loss": train_loss, "val_loss": val_loss,
+            "train_bpc": runlog.bpc(train_loss), "val_bpc": runlog.bpc(val_loss),
+            "lr": self.sched.get_last_lr()[0], "chars_per_s": chars / max(dt, 1e-9),
+            "elapsed_s": elapsed, "reason": reason,
+        }
+        self.history.append(metrics)
+        improved = val_loss < self.best
+        self.best = min(self.best, val_loss)
+        name = f"checkpoint_{self.step:08d}"
+        tmp: Optional[Path] = None
+        if self.b.is_writer:
+            tmp = Path(tempfile.mkdtemp(prefix="charrnn-save-")) / name
+            meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,
+                    "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
+                    "best_val_loss": self.best, "elapsed_s": elapsed, "history": self.history}
+            checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt, self.sched)
+        self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete
+        if self.b.is_writer:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+            if improved:
+                self._publish_winner()
+            runlog.write_record(self.b.run_uri, self.history)
+            done = max(self.step - self.start_step, 1)  # steps trained in this attempt
+            eta = (self.total_steps - self.step) / done * (time.monotonic() - self.t0)
+            print(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()), flush=True)
+        self._reset_meter()
+
+    def _publish_winner(self, final: bool = False) -> None:
+        best = min(self.history, key=lambda m: m["val_loss"])
+        manifest = checkpoint.winner_manifest(
+            self.b.run_uri, f"checkpoint_{best['step']:08d}", best, self.cfg.run.name,
+            unwrap(self.model).summary())
+        uri = checkpoint.write_winner(self.b.run_uri, manifest)
+        if final:
+            print(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) at step "
+                  f"{best['step']}; winner manifest {uri}", flush=True)
+
+    def _sample(self) -> str:
+        n = self.cfg.train.sample_chars
+        if not n:
+            return ""
+        prompt = self.vocab.decode(self.val.ids[:24])
+        text = generate(unwrap(self.model), self.vocab, [prompt],
+                        SampleParams(max_new_chars=n, temperature=0.8, seed=0), self.b.device)[0]
+        return prompt + text

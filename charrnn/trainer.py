@@ -1,0 +1,92 @@
+"""Driver side of training: read the corpus once, then run the per-worker function locally or
+on a Ray Train worker group.
+
+Local mode (`scaling.workers == 0`) calls `train_loop_per_worker` in this process: no Ray, no
+cluster. Ray mode builds a `TorchTrainer`; the corpus ids are put once into the object store
+(one shared-memory copy per node), and a Ray Data range of window indices is sharded across the
+workers (`get_dataset_shard`), each mapping its indices through the epoch's permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from charrnn import corpus, storage
+from charrnn.checkpoint import WINNER
+from charrnn.config import Config
+from charrnn.data import split_corpus
+from charrnn.errors import CharrnnError
+from charrnn.train_loop import train_loop_per_worker
+from charrnn.vocab import Vocab
+
+
+def run_uri(cfg: Config) -> str:
+    return storage.join(cfg.run.storage, cfg.run.name)
+
+
+def prepare(cfg: Config) -> tuple[Config, Vocab, np.ndarray]:
+    """Corpus -> (config with model.vocab_size set, vocabulary, ids). Fails early on bad data."""
+    text = corpus.load_text(cfg.data)
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text)
+    split_corpus(ids, cfg.data)  # raises a CorpusError when the text is too short
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=len(vocab)))
+    return cfg, vocab, ids
+
+
+def fit(cfg: Config) -> str:
+    """Train (or resume) the run named by `cfg.run`; returns the winner manifest's URI."""
+    storage.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
+    storage.check_storage(cfg.run.storage)  # a clear error now rather than a hang later
+    cfg, vocab, ids = prepare(cfg)
+    loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg)}
+    if cfg.scaling.workers == 0:
+        print(f"local mode: corpus {cfg.data.corpus} ({len(ids):,} chars, vocab {len(vocab)})",
+              flush=True)
+        train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})
+    else:
+        _fit_ray(cfg, ids, loop_config)
+    winner = storage.join(run_uri(cfg), WINNER)
+    if not storage.exists(winner):
+        raise CharrnnError(f"training finished without a winner manifest at {winner}")
+    return winner
+
+
+def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+    sc = cfg.scaling
+    gpus = sc.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    train_split, _ = split_corpus(ids, cfg.data)
+    # Window indices only (8 bytes each, O(N / stride)); blocks are put in the object store
+    # directly, so no read task competes with the training workers for CPU.
+    dataset = ray.data.from_numpy(np.arange(train_split.num_windows, dtype=np.int64)).rename_columns(
+        {"data": "id"})
+    if storage.is_s3(cfg.run.storage):
+        fs, storage_path = storage.resolve(cfg.run.storage)
+    else:
+        fs, storage_path = None, str(storage.local_path(cfg.run.storage))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**loop_config, "ids": ray.put(ids), "mode": "ray"},
+        scaling_config=ScalingConfig(
+            num_workers=sc.workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": gpus} if gpus else {})}),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": dataset},
+    )
+    trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
