@@ -148,3 +148,33 @@ def generate_window_rerun(model: CharRNN, vocab: Vocab, prompt: str, n: int, win
             ids.append(i)
             out.append(vocab.chars[i])
     return "".join(out)
+
+
+class Generator:
+    """A loaded checkpoint ready to complete prompts the way it was trained to read them.
+
+    Prompts are normalised like the corpus (case, line endings), then the OOV policy applies.
+    Row i of a request seeded with `seed` uses seed + i, so a batch of prompts and the same
+    prompts sent one by one give the same texts.
+    """
+
+    def __init__(self, loaded, device: str = "cpu"):
+        self.loaded = loaded
+        self.model = loaded.model.to(device).eval()
+        self.vocab = loaded.vocab
+        self.device = device
+
+    def prepare(self, prompts: Sequence[str], oov: str = "error") -> list[str]:
+        from charrnn.corpus import normalize_prompt
+        return [self.vocab.clean(normalize_prompt(p, self.loaded.config.data), oov) for p in prompts]
+
+    @staticmethod
+    def row_params(params: SampleParams, n: int) -> list[SampleParams]:
+        from dataclasses import replace
+        return [replace(params, seed=None if params.seed is None else params.seed + i)
+                for i in range(n)]
+
+    def complete(self, prompts: Sequence[str], params: SampleParams, oov: str = "error") -> list[str]:
+        clean = self.prepare(prompts, oov)
+        return generate(self.model, self.vocab, clean, self.row_params(params, len(clean)),
+                        self.device)

@@ -1,0 +1,40 @@
+# charrnn: `make demo` trains a short run and generates text; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel on CPU machines; set TORCH=torch==2.13.0 --index-url ... for a CUDA build.
+TORCH  ?= torch==2.13.0
+CORPUS ?= $(if $(wildcard ../shared/data/wonderland.txt),../shared/data/wonderland.txt,gutenberg:11)
+DEMO_MINUTES ?= 3
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/python jobs/train.py --config configs/alice.yaml --corpus $(CORPUS) \
+		--storage ./runs --name demo --max-minutes $(DEMO_MINUTES)
+	$(BIN)/python jobs/generate.py --checkpoint runs/demo/winner.json \
+		--prompt "alice was beginning to get very tired" --max-chars 400 --temperature 0.7 --seed 1
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check charrnn jobs tests bench
+
+bench: install
+	$(BIN)/python bench/train_quality.py --corpus $(CORPUS)
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/generation.py
+
+clean:
+	rm -rf runs .pytest_cache

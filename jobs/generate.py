@@ -1,0 +1,99 @@
+"""Generate text from a trained checkpoint (offline), or through a running Serve endpoint.
+
+    python jobs/generate.py --checkpoint runs/alice/winner.json --prompt "alice was" --seed 1
+    python jobs/generate.py --checkpoint s3://bucket/runs/alice --prompts-file prompts.txt --format jsonl
+    python jobs/generate.py --serve-url http://127.0.0.1:8000 --prompts-file prompts.txt --format jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from charrnn.cli import run_cli  # noqa: E402
+from charrnn.errors import CharrnnError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint dir, winner.json or run dir (local or s3://)")
+    src.add_argument("--serve-url", help="base URL of a running charrnn Serve app")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line, generated as one batch")
+    p.add_argument("--random-prompt", action="store_true",
+                   help="start from a random slice of the training corpus (as the tutorial does)")
+    p.add_argument("--corpus", help="corpus for --random-prompt (default: the checkpoint's)")
+    p.add_argument("--max-chars", type=int, default=500, help="characters to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the tutorial's)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, help="seed; prompt i uses seed + i")
+    p.add_argument("--oov", choices=["error", "drop", "replace"], default="error",
+                   help="prompt characters outside the vocabulary: error (default), drop or "
+                        "replace them with a space")
+    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--token", default=os.environ.get("CHARRNN_API_TOKEN"),
+                   help="bearer token for --serve-url (default: $CHARRNN_API_TOKEN)")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}")
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from charrnn.generate import SampleParams
+    try:
+        params = SampleParams(max_new_chars=args.max_chars, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    except ValueError as e:
+        raise CharrnnError(str(e)) from None
+    prompts = read_prompts(args)
+    if args.serve_url:
+        if args.random_prompt or not prompts:
+            raise CharrnnError("--serve-url needs --prompt or --prompts-file")
+        from charrnn.client import generate_remote
+        completions, model = generate_remote(args.serve_url, prompts, params, args.token)
+        run = model.get("run")
+    else:
+        from charrnn import checkpoint
+        from charrnn.generate import Generator
+        loaded = checkpoint.load(args.checkpoint, args.device)
+        if args.random_prompt:
+            from dataclasses import replace
+
+            from charrnn.corpus import load_text
+            from charrnn.data import random_prompt
+            data = loaded.config.data
+            text = load_text(replace(data, corpus=args.corpus) if args.corpus else data)
+            prompts.append(random_prompt(text, data.seq_len, args.seed))
+        if not prompts:
+            raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
+        completions = Generator(loaded, args.device).complete(prompts, params, args.oov)
+        run = loaded.meta.get("run")
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if args.format == "jsonl":
+            seed = None if args.seed is None else args.seed + i
+            print(json.dumps({"prompt": p, "completion": c, "seed": seed, "run": run}))
+        else:
+            print(("\n---\n" if i else "") + p + c)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,80 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from charrnn import checkpoint
+from charrnn.config import Config
+from charrnn.errors import CheckpointError
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.vocab import Vocab
+
+
+@pytest.fixture
+def saved(tmp_path):
+    vocab = Vocab.from_text("abc \n")
+    cfg = Config(model=ModelConfig(vocab_size=len(vocab), hidden_size=8, embedding_dim=4,
+                                   num_layers=1))
+    model = CharRNN(cfg.model)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 3, dtype=torch.long))[0].sum().backward()
+    opt.step()
+    d = checkpoint.save(tmp_path / "ckpt", model, cfg, vocab,
+                        {"step": 5, "history": []}, opt)
+    return d, model, cfg, vocab
+
+
+def test_round_trip_from_its_path_alone(saved):
+    d, model, cfg, vocab = saved
+    loaded = checkpoint.load(str(d))
+    assert loaded.config == cfg and loaded.vocab == vocab and loaded.meta["step"] == 5
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+    state = checkpoint.load_train_state(loaded)
+    assert state["optimizer"]["state"]  # the AdamW moments travel too
+    assert next(loaded.model.parameters()).device.type == "cpu"
+
+
+def test_a_planted_pickle_is_refused_not_executed(saved, tmp_path):
+    d = saved[0]
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (d / "model.pt").write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(CheckpointError, match="refusing to load model.pt"):
+        checkpoint.load(str(d))
+    assert not marker.exists()
+    torch.save({"x": Evil()}, d / "model.pt")  # the same inside torch's zip format
+    with pytest.raises(CheckpointError, match="refusing"):
+        checkpoint.load(str(d))
+    assert not marker.exists()
+
+
+def test_incomplete_or_missing_checkpoints(saved, tmp_path):
+    d = saved[0]
+    (d / "vocab.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint, missing vocab.json"):
+        checkpoint.load(str(d))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        checkpoint.load(str(tmp_path / "empty"))
+
+
+def test_winner_manifest_resolves_and_refuses_partial_checkpoints(saved, tmp_path):
+    d, model, cfg, _ = saved
+    run = d.parent
+    m = checkpoint.winner_manifest(str(run), "ckpt", {"val_loss": 1.5, "epoch": 1, "step": 5},
+                                   "r", model.summary())
+    uri = checkpoint.write_winner(str(run), m)
+    assert checkpoint.resolve(uri) == checkpoint.resolve(str(run)) == str(run / "ckpt")
+    assert json.loads((run / "winner.json").read_text())["val_loss"] == 1.5
+    (d / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not publishing"):
+        checkpoint.write_winner(str(run), m)

@@ -1,0 +1,52 @@
+import pytest
+import yaml
+
+from charrnn.config import Config, load_config
+from charrnn.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def test_round_trip_through_dict_and_yaml():
+    cfg = load_config(str(ROOT / "configs" / "alice.yaml"), ["model.hidden_size=128"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert Config.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(str(path))
+    assert cfg.data.seq_len >= 1
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["model.hidden_size=256", "train.lr=1e-3", "data.lowercase=false",
+                             "scaling.gpus_per_worker=0.5", "data.drop_chars=123"])
+    assert cfg.model.hidden_size == 256 and cfg.train.lr == 1e-3
+    assert cfg.data.lowercase is False and cfg.scaling.gpus_per_worker == 0.5
+    assert cfg.data.drop_chars == "123"
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0  # ints widen to floats
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.hiden_size=3", "unknown config key"),
+    ("nosuch.key=1", "unknown config key"),
+    ("model=3", "is a section"),
+    ("model.hidden_size=big", "expected int"),
+    ("train.epochs=1.5", "expected int"),
+    ("data.lowercase=3", "expected bool"),
+    ("model.cell=transformer", "lstm or gru"),
+    ("data.val_fraction=0.9", "val_fraction"),
+    ("noequals", "key=value"),
+])
+def test_bad_overrides_are_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key train.epochz"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,98 @@
+import http.server
+import threading
+
+import pytest
+
+from charrnn import corpus
+from charrnn.config import DataConfig
+from charrnn.errors import CorpusError
+
+BOOK = ("\ufeffThe Project Gutenberg eBook of Test\r\nlicence blah\r\n"
+        "*** START OF {w} PROJECT GUTENBERG EBOOK TEST ***\r\n"
+        "Alice Was\r\nHere.\rDone\r\n"
+        "*** END OF {w} PROJECT GUTENBERG EBOOK TEST ***\r\nmore licence\r\n")
+
+
+@pytest.mark.parametrize("word", ["THE", "THIS"])
+def test_gutenberg_markers_bom_and_line_endings(tmp_path, word):
+    p = tmp_path / "book.txt"
+    p.write_bytes(BOOK.format(w=word).encode("utf-8"))
+    text = corpus.load_text(DataConfig(corpus=str(p)))
+    assert text == "alice was\nhere.\ndone\n"
+    text = corpus.load_text(DataConfig(corpus=str(p), lowercase=False))
+    assert text == "Alice Was\nHere.\nDone\n"
+
+
+def test_drop_chars_and_rare_chars(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("aaaa\nbbbb, c!\n")
+    assert corpus.load_text(DataConfig(corpus=str(p), drop_chars=",!")) == "aaaa\nbbbb c\n"
+    assert corpus.load_text(DataConfig(corpus=str(p), min_char_count=2)) == "aaaa\nbbbb\n"
+
+
+def test_real_corpus_facts(corpus_path):
+    text = corpus.load_text(DataConfig(corpus=str(corpus_path)))
+    assert len(text) == 144_427 - 1 + 1 and "\r" not in text  # CRLF -> LF, as its README says
+    assert len(set(text)) == 45
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CorpusError, match="corpus file not found"):
+        corpus.load_text(DataConfig(corpus=str(tmp_path / "nope.txt")))
+
+
+def test_empty_after_cleaning(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("!!!\n")
+    with pytest.raises(CorpusError, match="empty after cleaning"):
+        corpus.load_text(DataConfig(corpus=str(p), drop_chars="!"))
+
+
+def test_undecodable_bytes_name_the_offset(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"hello \xff world")
+    with pytest.raises(CorpusError, match="0xff at offset 6.*decode_errors=replace"):
+        corpus.load_text(DataConfig(corpus=str(p)))
+    text = corpus.load_text(DataConfig(corpus=str(p), decode_errors="replace"))
+    assert text == "hello \ufffd world\n"
+
+
+def test_unreachable_url_names_the_way_out(tmp_path):
+    cfg = DataConfig(corpus="http://127.0.0.1:9/book.txt", cache_dir=str(tmp_path))
+    with pytest.raises(CorpusError, match="--corpus PATH"):
+        corpus.load_text(cfg)
+    with pytest.raises(CorpusError, match="numeric id"):
+        corpus.load_text(DataConfig(corpus="gutenberg:abc", cache_dir=str(tmp_path)))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local stand-in for Project Gutenberg, counting requests."""
+    root = tmp_path / "www"
+    (root / "cache/epub/11").mkdir(parents=True)
+    (root / "cache/epub/11/pg11.txt").write_bytes(BOOK.format(w="THE").encode())
+    hits = []
+
+    class H(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *a):
+            hits.append(a)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", hits
+    srv.shutdown()
+
+
+def test_gutenberg_download_is_cached(tmp_path, http_server, monkeypatch):
+    base, hits = http_server
+    monkeypatch.setattr(corpus, "GUTENBERG_URL", base + "/cache/epub/{id}/pg{id}.txt")
+    cfg = DataConfig(corpus="gutenberg:11", cache_dir=str(tmp_path / "cache"))
+    assert corpus.load_text(cfg) == "alice was\nhere.\ndone\n"
+    assert corpus.load_text(cfg) == "alice was\nhere.\ndone\n"
+    assert len(hits) == 1  # the second load reused the cache
+    assert (tmp_path / "cache/gutenberg/pg11.txt").is_file()
+    url_cfg = DataConfig(corpus=base + "/cache/epub/11/pg11.txt", cache_dir=str(tmp_path / "c2"))
+    assert corpus.load_text(url_cfg) == "alice was\nhere.\ndone\n"

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from charrnn.generate import SampleParams, generate, stream
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.vocab import Vocab
+
+VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")
+
+
+@pytest.fixture(params=["lstm", "gru"])
+def model(request):
+    torch.manual_seed(0)
+    m = CharRNN(ModelConfig(cell=request.param, vocab_size=len(VOCAB), embedding_dim=8,
+                            hidden_size=16, num_layers=2, dropout=0.1))
+    return m.eval()
+
+
+def test_forward_shapes(model):
+    logits, state = model(torch.zeros(3, 7, dtype=torch.long))
+    assert logits.shape == (3, 7, len(VOCAB))
+    h = state[0] if isinstance(state, tuple) else state
+    assert h.shape == (2, 3, 16)
+
+
+def test_stateful_steps_equal_rerunning_the_prefix(model):
+    x = torch.randint(0, len(VOCAB), (2, 12))
+    full, _ = model(x)
+    _, state = model(x[:, :5])
+    for t in range(5, 12):  # one character at a time, state carried
+        step, state = model(x[:, t:t + 1], state)
+        torch.testing.assert_close(torch.softmax(step[:, 0], -1), torch.softmax(full[:, t], -1),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_packed_prompts_of_different_lengths(model):
+    a, b = "hello world", "hi"
+    single = [generate(model, VOCAB, [p], SampleParams(20, seed=3)) for p in (a, b)]
+    batch = generate(model, VOCAB, [a, b], [SampleParams(20, seed=3), SampleParams(20, seed=3)])
+    assert batch == [s[0] for s in single]
+
+
+def test_same_seed_same_text_and_batch_independence(model):
+    p = SampleParams(50, temperature=1.2, seed=42)
+    one = generate(model, VOCAB, ["the "], p)
+    assert one == generate(model, VOCAB, ["the "], p)
+    mixed = generate(model, VOCAB, ["x", "the ", "abc"],
+                     [SampleParams(5, seed=1), p, SampleParams(80, greedy=True)])
+    assert mixed[1] == one[0]
+    assert [len(t) for t in mixed] == [5, 50, 80]  # each row stops at its own length
+    assert generate(model, VOCAB, ["the "], SampleParams(50, temperature=1.2, seed=43)) != one
+
+
+def test_greedy_and_degenerate_filters_agree(model):
+    g = generate(model, VOCAB, ["abc"], SampleParams(30, greedy=True))
+    assert generate(model, VOCAB, ["abc"], SampleParams(30, top_k=1, seed=5)) == g
+    assert generate(model, VOCAB, ["abc"], SampleParams(30, top_p=1e-6, seed=5)) == g
+    logits, _ = model(torch.from_numpy(VOCAB.encode("abc").astype(np.int64))[None])
+    assert g[0][0] == VOCAB.chars[int(logits[0, -1].argmax())]
+
+
+def test_top_k_restricts_the_support(model):
+    steps = list(stream(model, VOCAB, ["a"] * 64, [SampleParams(1, top_k=3, seed=i)
+                                                   for i in range(64)]))
+    logits, _ = model(torch.from_numpy(VOCAB.encode("a").astype(np.int64))[None])
+    top3 = {VOCAB.chars[i] for i in logits[0, -1].topk(3).indices.tolist()}
+    assert set(steps[0]) <= top3
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": 0}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"), ({"max_new_chars": -1}, "max_new_chars")])
+def test_bad_sample_params(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SampleParams(**kw)
+    SampleParams(temperature=0, greedy=True)  # greedy needs no temperature

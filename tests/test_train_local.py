@@ -1,0 +1,155 @@
+"""End to end in local mode: train `tiny` on the tutorial's corpus, resume, interrupt, generate."""
+
+import json
+
+import pytest
+import torch
+
+from charrnn import checkpoint
+from charrnn.config import load_config
+from charrnn.dist import LocalBackend
+from charrnn.train_loop import Interrupted, Trainer
+from charrnn.trainer import fit, prepare
+from tests.conftest import ROOT, run_job
+
+
+def test_train_then_generate_from_the_winner(tiny_run, tmp_path):
+    storage, name, out = tiny_run
+    run = storage / name
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 2
+    for ln in lines:
+        assert "nats/char" in ln and "bpc" in ln and "chars/s" in ln and "sample:" in ln
+    assert out.strip().splitlines()[-1] == f"winner: {run / 'winner.json'}"
+    winner = json.loads((run / "winner.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert winner["val_loss"] == min(m["val_loss"] for m in metrics)
+    assert metrics[-1]["val_loss"] < 2.6  # it learned something in a few seconds
+    assert (run / "metrics.csv").read_text().startswith("epoch,step,train_loss,val_loss")
+    assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(run.glob("checkpoint_*"))) <= 2 + 1  # best K (+ the latest)
+
+    p = run_job("generate.py", "--checkpoint", str(run / "winner.json"), "--prompt", "Alice was",
+                "--max-chars", "120", "--temperature", "0.8", "--seed", "1")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("Alice was") and len(p.stdout.strip()) >= 120
+    again = run_job("generate.py", "--checkpoint", str(run), "--prompt", "Alice was",
+                    "--max-chars", "120", "--temperature", "0.8", "--seed", "1")
+    assert again.stdout == p.stdout  # same seed, same text; a run dir works as the URI
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the queen\nthe cat\nshe said\n")
+    p = run_job("generate.py", "--checkpoint", winner["checkpoint_uri"], "--prompts-file",
+                str(prompts), "--format", "jsonl", "--max-chars", "30", "--top-k", "5",
+                "--top-p", "0.9", "--seed", "3")
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["the queen", "the cat", "she said"]
+    assert [r["seed"] for r in rows] == [3, 4, 5] and all(len(r["completion"]) == 30 for r in rows)
+    p = run_job("generate.py", "--checkpoint", str(run), "--random-prompt", "--greedy",
+                "--max-chars", "20")
+    assert p.returncode == 0 and len(p.stdout) > 20
+
+
+def _cfg(corpus, storage, name, *extra):
+    return load_config(str(ROOT / "configs" / "tiny.yaml"),
+                       [f"data.corpus={corpus}", f"run.storage={storage}", f"run.name={name}",
+                        "train.sample_chars=0", *extra])
+
+
+def _weights(storage, name):
+    return checkpoint.load(str(storage / name)).model.state_dict()
+
+
+def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
+    fit(_cfg(corpus_path, tmp_path, "r", "train.epochs=1"))
+    first = checkpoint.load(str(tmp_path / "r" / "checkpoint_00000127"))
+    saved_opt = checkpoint.load_train_state(first)["optimizer"]
+    # A new trainer on the same run picks up where it stopped.
+    cfg, vocab, ids = prepare(_cfg(corpus_path, tmp_path, "r", "train.epochs=2"))
+    t = Trainer(cfg, vocab, ids, LocalBackend(str(tmp_path / "r"), 2))
+    assert (t.step, t.epoch, t.epoch_step) == (127, 1, 0)
+    restored = t.opt.state_dict()
+    assert restored["state"][0]["step"] == saved_opt["state"][0]["step"] == 127
+    assert torch.equal(restored["state"][0]["exp_avg"], saved_opt["state"][0]["exp_avg"])
+    t.fit()
+    history = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert [m["step"] for m in history] == [127, 254]
+    assert history[1]["val_loss"] < history[0]["val_loss"]
+
+
+def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, monkeypatch):
+    cfg = _cfg(corpus_path, tmp_path, "c", "train.epochs=1")
+    real_step = Trainer._train_step
+
+    def interrupt_at_40(self, x, y):
+        if self.step == 40:
+            raise KeyboardInterrupt
+        real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_40)
+    with pytest.raises(Interrupted):
+        fit(cfg)
+    meta = json.loads((tmp_path / "c" / "checkpoint_00000040" / "meta.json").read_text())
+    assert (meta["step"], meta["epoch_step"], meta["next_epoch"]) == (40, 40, 0)
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    fit(cfg)
+    history = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert [m["step"] for m in history] == [40, 127]
+    fit(_cfg(corpus_path, tmp_path, "c2", "train.epochs=1"))
+    a, b = _weights(tmp_path, "c"), _weights(tmp_path, "c2")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_time_limit_and_step_interval_checkpoints(corpus_path, tmp_path):
+    fit(_cfg(corpus_path, tmp_path, "s", "run.checkpoint_every_steps=50", "run.keep_checkpoints=1"))
+    history = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert [m["step"] for m in history] == [50, 100, 127, 150, 200, 250, 254]
+    kept = json.loads((tmp_path / "s" / "checkpoints.json").read_text())
+    assert len(kept) <= 2 and kept[-1]["step"] == 254
+    fit(_cfg(corpus_path, tmp_path, "m", "train.max_minutes=0.0001", "train.epochs=50"))
+    history = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert len(history) == 1 and history[0]["reason"] == "time limit"
+
+
+def _error_line(p):
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("setup,args,match", [
+    (None, ["--corpus", "{tmp}/missing.txt"], "corpus file not found"),
+    ("short", ["--corpus", "{tmp}/short.txt"], "too short"),
+    ("binary", ["--corpus", "{tmp}/binary.txt"], "offset 2"),
+    ("drop", ["--corpus", "{tmp}/drop.txt", "--set", "data.drop_chars=ab\n"], "empty after"),
+    (None, ["--corpus", "http://127.0.0.1:9/x.txt"], "--corpus PATH"),
+    (None, ["--set", "model.hidden=3"], "unknown config key"),
+    (None, ["--set", "train.epochs=many"], "expected int"),
+    (None, ["--config", "{tmp}/none.yaml"], "config file not found"),
+])
+def test_cli_errors_are_one_line(tmp_path, setup, args, match):
+    (tmp_path / "short.txt").write_text("abc " * 20)
+    (tmp_path / "binary.txt").write_bytes(b"ab\xfe\xffcd" * 100)
+    (tmp_path / "drop.txt").write_text("abab\nab\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    p = run_job("train.py", "--config", "configs/tiny.yaml", "--storage", str(tmp_path / "runs"),
+                *args)
+    assert match in _error_line(p)
+
+
+def test_generate_cli_errors(tiny_run, tmp_path):
+    storage, name, _ = tiny_run
+    run = str(storage / name)
+    assert "'ω'" in _error_line(run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa"))
+    ok = run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa", "--oov", "drop",
+                 "--max-chars", "5")
+    assert ok.returncode == 0 and ok.stdout.startswith("Ωa")
+    assert "temperature" in _error_line(run_job("generate.py", "--checkpoint", run, "--prompt",
+                                                "a", "--temperature", "0"))
+    assert "does not exist" in _error_line(run_job("generate.py", "--checkpoint",
+                                                   str(tmp_path / "nope"), "--prompt", "a"))
+    assert "prompts-file" in _error_line(run_job("generate.py", "--checkpoint", run,
+                                                 "--prompts-file", str(tmp_path / "nope.txt")))

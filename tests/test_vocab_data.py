@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from charrnn.config import DataConfig
+from charrnn.data import EpochPlan, local_index_batches, split_corpus, val_batches
+from charrnn.errors import CorpusError, VocabError
+from charrnn.vocab import Vocab
+
+
+def test_vocab_round_trip_and_dtype():
+    v = Vocab.from_text("hello world\n")
+    assert v.chars == "\n dehlorw"
+    ids = v.encode("hello")
+    assert ids.dtype == np.uint8 and v.decode(ids) == "hello"
+    assert Vocab.from_dict(v.to_dict()) == v
+
+
+def test_oov_policies_list_offending_characters():
+    v = Vocab.from_text("abc ")
+    with pytest.raises(VocabError, match=r"'x', 'é'"):
+        v.clean("abxcé x", "error")
+    assert v.clean("abxc", "drop") == "abc"
+    assert v.clean("abxc", "replace") == "ab c"
+    with pytest.raises(VocabError, match="OOV policy"):
+        v.clean("a", "ignore")
+
+
+def _ids(n=1000):
+    return (np.arange(n) % 251).astype(np.uint8)  # id == position mod 251
+
+
+def test_windows_target_every_position_and_respect_the_split():
+    cfg = DataConfig(seq_len=10, stride=10, val_fraction=0.1)
+    ids = _ids()
+    train, val = split_corpus(ids, cfg)
+    assert len(train.ids) == 900 and len(val.ids) == 100
+    assert np.shares_memory(train.ids, ids) and np.shares_memory(val.ids, ids)  # no copies
+    for epoch in range(5):
+        plan = EpochPlan(train, seed=1, epoch=epoch)
+        starts = plan.starts(np.arange(train.num_windows))
+        assert starts.max() + cfg.seq_len + 1 <= len(train.ids)  # targets stay in train
+        x, y = plan.batch(np.arange(4))
+        assert x.shape == y.shape == (4, 10)
+        assert np.array_equal(y[:, :-1], x[:, 1:])  # y is x shifted by one
+    for x, y in val_batches(val, 3):
+        assert ((x.astype(int) - 900 % 251) % 251 < 100).all()  # only validation characters
+
+
+def test_offsets_and_order_change_with_the_epoch_and_are_reproducible():
+    train, _ = split_corpus(_ids(5000), DataConfig(seq_len=20, stride=20))
+    plans = [EpochPlan(train, seed=7, epoch=e) for e in range(6)]
+    assert len({p.offset for p in plans}) > 1
+    assert not np.array_equal(plans[0].perm, plans[1].perm)
+    again = EpochPlan(train, seed=7, epoch=3)
+    assert again.offset == plans[3].offset and np.array_equal(again.perm, plans[3].perm)
+
+
+def test_an_epoch_covers_each_training_character_once_as_a_target():
+    train, _ = split_corpus(_ids(5000), DataConfig(seq_len=20, stride=20))
+    plan = EpochPlan(train, seed=0, epoch=2)
+    batches = list(local_index_batches(train.num_windows, 16))
+    seen = np.concatenate([plan.starts(b) for b in batches])
+    assert len(seen) == len(set(seen)) == train.num_windows
+    covered = (seen[:, None] + 1 + np.arange(20)).ravel()
+    assert len(np.unique(covered)) == len(covered) >= len(train.ids) - 2 * 20
+
+
+def test_memory_is_linear_in_the_corpus():
+    ids = np.zeros(2_000_000, dtype=np.uint8)
+    train, _ = split_corpus(ids, DataConfig(seq_len=100, stride=100))
+    plan = EpochPlan(train, seed=0, epoch=0)
+    # ids (1 byte/char) + a permutation of N/stride windows; nothing of size N x seq_len.
+    assert plan.perm.nbytes <= ids.nbytes * 8 / 100
+
+
+def test_too_short_corpus():
+    with pytest.raises(CorpusError, match="too short for one 100-character window"):
+        split_corpus(np.zeros(300, dtype=np.uint8), DataConfig(seq_len=100))
