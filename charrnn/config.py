@@ -67,7 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     max_minutes: float = 0.0
-    """Stop (after saving a checkpoint) once training has run this long; 0 means no limit."""
+    """Stop (after saving a checkpoint) once this invocation has trained this long; the LR
+    schedule then anneals by time as well as by steps. 0 means no limit."""
     seed: int = 1337
     """Seeds weights, window offsets, shuffling and dropout."""
     precision: str = "auto"
@@ -244,3 +245,51 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     for o in overrides:
         apply_override(d, o)
     return Config.from_dict(d)
+
+
+@dataclass
+class ServeConfig:
+    """Arguments of the Serve app builder (`charrnn.serve:build_app`)."""
+    checkpoint: str = ""
+    """A winner.json, run directory or checkpoint directory (local or s3://) to serve."""
+    watch_interval_s: float = 10.0
+    """How often replicas re-read a winner manifest and hot-swap to a new best (0: never)."""
+    max_batch_size: int = 64
+    """Rows (prompts) stepped together in one generation batch."""
+    batch_wait_timeout_s: float = 0.02
+    """How long a batch waits to fill before it starts."""
+    max_chars_limit: int = 2000
+    """Largest `max_chars` a request may ask for."""
+    max_prompts: int = 64
+    """Most prompts in one request."""
+    max_prompt_chars: int = 4000
+    """Longest prompt accepted."""
+    max_body_bytes: int = 262144
+    """Largest request body accepted (413 above)."""
+    api_token_env: str = "CHARRNN_API_TOKEN"
+    """Environment variable holding the bearer token required on /generate* (unset: open)."""
+    device: str = "auto"
+    """`auto` (cuda when the replica has a GPU), `cpu` or `cuda`."""
+
+    def __post_init__(self):
+        _check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
+        _check(self.watch_interval_s >= 0, "serve.watch_interval_s must be >= 0")
+        _check(self.max_batch_size >= 1 and self.max_prompts >= 1, "serve batch/prompt limits >= 1")
+        _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
+        _check(self.max_chars_limit >= 1 and self.max_prompt_chars >= 1, "serve limits must be >= 1")
+        _check(self.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
+        _check(self.device in ("auto", "cpu", "cuda"), "serve.device must be auto|cpu|cuda")
+
+
+def serve_config_from_args(args: dict) -> ServeConfig:
+    """Serve passes builder args from YAML (typed) or `key=value` on the CLI (strings)."""
+    typed = {}
+    hints = typing.get_type_hints(ServeConfig)
+    for k, v in (args or {}).items():
+        if isinstance(v, str) and k in hints and hints[k] is not str:
+            try:
+                v = yaml.safe_load(v)
+            except yaml.YAMLError:
+                pass
+        typed[k] = v
+    return from_dict(ServeConfig, typed, "serve.")

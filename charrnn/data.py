@@ -92,11 +92,23 @@ def local_index_batches(num_windows: int, batch_size: int, rank: int = 0, world:
         yield mine[i:i + batch_size]
 
 
-def val_batches(val: Split, batch_size: int, rank: int = 0, world: int = 1):
-    """This rank's validation windows (every world-th), as (x, y) batches."""
-    starts = val.starts(np.arange(val.num_windows))[rank::world]
-    for i in range(0, len(starts), batch_size):
-        yield val.gather(starts[i:i + batch_size])
+VAL_STREAMS = 16
+
+
+def val_chunks(val: Split, rank: int = 0, world: int = 1, streams: int = VAL_STREAMS):
+    """The held-out text as `streams` contiguous streams read in `seq_len` chunks, so a caller
+    that carries the recurrent state across chunks scores every character with its whole
+    preceding context (as generation sees it), not from a cold state at each window start.
+
+    Yields (x, y), each (S, T) for this rank's streams (every world-th). Every chunk of a rank
+    has the same S, so the state carries over; the ragged tail of each stream is dropped.
+    """
+    n = len(val.ids) - 1
+    streams = max(world, min(streams, n // val.seq_len))
+    length = n // streams // val.seq_len * val.seq_len  # per stream, whole chunks
+    mine = np.arange(streams)[rank::world] * (n // streams)  # (S,) stream starts
+    for t in range(0, length, val.seq_len):
+        yield val.gather(mine + t)
 
 
 def random_prompt(text: str, length: int, seed: int | None) -> str:

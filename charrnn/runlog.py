@@ -74,11 +74,11 @@ def plot_png(history: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def write_record(run_uri: str, history: list[dict]) -> None:
-    """Rewrite metrics and the loss curve (history is small: one row per evaluation)."""
+def write_record(run_uri: str, history: list[dict], plot: bool = True) -> None:
+    """Rewrite metrics (one row per evaluation) and, when `plot`, the loss curve."""
     storage.write_text(storage.join(run_uri, "metrics.json"), json.dumps(history, indent=1))
     storage.write_text(storage.join(run_uri, "metrics.csv"), to_csv(history))
-    if history:
+    if plot and history:
         storage.write_bytes(storage.join(run_uri, "loss_curve.png"), plot_png(history))
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from charrnn import checkpoint, runlog
 from charrnn.config import Config
-from charrnn.data import EpochPlan, split_corpus, val_batches
+from charrnn.data import EpochPlan, split_corpus, val_chunks
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
 from charrnn.generate import SampleParams, generate
 from charrnn.model import CharRNN
@@ -47,11 +47,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     Trainer(cfg, vocab, ids, backend).fit()
 
 
-def lr_factor(step: int, total: int, cfg) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio`."""
+def lr_factor(step: int, total: int, cfg, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio`.
+
+    Progress is the larger of steps done / total and, under `train.max_minutes`, time used /
+    time allowed: a time-limited run anneals fully before it stops instead of being cut off
+    at a high learning rate.
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = min(1.0, max(time_progress,
+                            (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -67,10 +73,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil((self.K // backend.world) / t.batch_size)
         self.total_steps = t.epochs * self.steps_per_epoch
         model = CharRNN(cfg.model)
+        self.synced_elapsed = 0.0  # this attempt's time, averaged over ranks (drives the LR)
         self.opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                      betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.total_steps, t))
+            self.opt, lambda s: lr_factor(s, self.total_steps, t, self._time_progress()))
         self.epoch = self.epoch_step = self.step = 0
         self.history: list[dict] = []
         self.best = float("inf")
@@ -104,6 +111,19 @@ class Trainer:
         if self.b.is_writer:
             print(f"resuming run {self.cfg.run.name!r} from {directory.name}: epoch "
                   f"{self.epoch + 1}, step {self.step}, best val {self.best:.4f}", flush=True)
+
+    def _eta(self) -> float:
+        """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""
+        elapsed = time.monotonic() - self.t0
+        eta = (self.total_steps - self.step) / max(self.step - self.start_step, 1) * elapsed
+        if self.cfg.train.max_minutes:
+            eta = min(eta, max(0.0, self.cfg.train.max_minutes * 60 - elapsed))
+        return eta
+
+    def _time_progress(self) -> float:
+        """Share of `train.max_minutes` used (0 without a limit); the same on every rank."""
+        limit = self.cfg.train.max_minutes * 60
+        return self.synced_elapsed / limit if limit else 0.0
 
     def _reset_meter(self) -> None:
         self.loss_sum = self.loss_count = 0.0
@@ -151,9 +171,10 @@ class Trainer:
                 self._evaluate("interval")
             if t.log_every_steps and self.step % t.log_every_steps == 0 and self.b.is_writer:
                 self._progress()
-            if t.max_minutes:
-                over = time.monotonic() - self.t0 > t.max_minutes * 60
-                stop = self.b.all_reduce_sum([float(over)])[0] > 0  # all ranks stop together
+            if t.max_minutes:  # ranks agree on the time, so on the LR and on when to stop
+                mean = self.b.all_reduce_sum([time.monotonic() - self.t0])[0] / self.b.world
+                self.synced_elapsed = mean
+                stop = mean > t.max_minutes * 60
         return stop
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -175,19 +196,19 @@ class Trainer:
     def _progress(self) -> None:
         dt = time.monotonic() - self.meter_t0
         cps = self.meter_chars * self.b.world / max(dt, 1e-9)
-        left = (self.total_steps - self.step) * self.cfg.train.batch_size * self.cfg.data.seq_len
         print(runlog.progress_line(self.epoch, self.cfg.train.epochs, self.epoch_step,
                                    self.steps_per_epoch, self.loss_sum / max(self.loss_count, 1),
-                                   cps, left * self.b.world / max(cps, 1e-9)), flush=True)
+                                   cps, self._eta()), flush=True)
 
     @torch.no_grad()
     def _val_sums(self) -> tuple[float, float]:
         self.model.eval()
         total = count = 0.0
-        for x, y in val_batches(self.val, self.cfg.train.batch_size, self.b.rank, self.b.world):
+        state = None  # carried across chunks: each stream is read as one long sequence
+        for x, y in val_chunks(self.val, self.b.rank, self.b.world):
             x, y = torch.from_numpy(x).to(self.b.device), torch.from_numpy(y).to(self.b.device)
             with self.autocast:
-                logits, _ = unwrap(self.model)(x)
+                logits, state = unwrap(self.model)(x, state)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
         return total, count
@@ -224,9 +245,10 @@ class Trainer:
             shutil.rmtree(tmp.parent, ignore_errors=True)
             if improved:
                 self._publish_winner()
-            runlog.write_record(self.b.run_uri, self.history)
-            done = max(self.step - self.start_step, 1)  # steps trained in this attempt
-            eta = (self.total_steps - self.step) / done * (time.monotonic() - self.t0)
+            # The plot costs ~0.3 s: drawn at the end of a run (and when it stops early).
+            runlog.write_record(self.b.run_uri, self.history, plot=reason != "epoch" or
+                                self.epoch >= self.cfg.train.epochs)
+            eta = self._eta()
             print(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()), flush=True)
         self._reset_meter()
 

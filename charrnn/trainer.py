@@ -54,9 +54,28 @@ def fit(cfg: Config) -> str:
     return winner
 
 
+def window_index_array(num_windows: int, workers: int) -> np.ndarray:
+    """0..K-1, padded (wrapping around) to a multiple of `workers`.
+
+    Ray Train splits datasets with `streaming_split(equal=True)`, which drops the remainder; the
+    padding makes the equal shares cover every window (a few padded ones are seen twice), and
+    equal shares give every DDP rank the same number of steps.
+    """
+    padded = -(-num_windows // workers) * workers
+    return np.arange(padded, dtype=np.int64) % num_windows
+
+
+def window_dataset(num_windows: int, workers: int):
+    """A Ray Dataset of window indices (8 bytes each: O(N / stride)). The blocks go into the
+    object store directly, so no read task competes with the training workers for CPU."""
+    import ray.data
+    arr = window_index_array(num_windows, workers)
+    blocks = np.array_split(arr, max(1, min(len(arr) // 512, 8 * workers)))
+    return ray.data.from_numpy(blocks).rename_columns({"data": "id"})
+
+
 def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -67,10 +86,7 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     train_split, _ = split_corpus(ids, cfg.data)
-    # Window indices only (8 bytes each, O(N / stride)); blocks are put in the object store
-    # directly, so no read task competes with the training workers for CPU.
-    dataset = ray.data.from_numpy(np.arange(train_split.num_windows, dtype=np.int64)).rename_columns(
-        {"data": "id"})
+    dataset = window_dataset(train_split.num_windows, sc.workers)
     if storage.is_s3(cfg.run.storage):
         fs, storage_path = storage.resolve(cfg.run.storage)
     else:

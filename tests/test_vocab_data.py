@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from charrnn.config import DataConfig
-from charrnn.data import EpochPlan, local_index_batches, split_corpus, val_batches
+from charrnn.data import EpochPlan, local_index_batches, split_corpus, val_chunks
 from charrnn.errors import CorpusError, VocabError
 from charrnn.vocab import Vocab
 
@@ -42,8 +42,21 @@ def test_windows_target_every_position_and_respect_the_split():
         x, y = plan.batch(np.arange(4))
         assert x.shape == y.shape == (4, 10)
         assert np.array_equal(y[:, :-1], x[:, 1:])  # y is x shifted by one
-    for x, y in val_batches(val, 3):
-        assert ((x.astype(int) - 900 % 251) % 251 < 100).all()  # only validation characters
+    positions = []
+    for x, y in val_chunks(val, streams=3):
+        assert x.shape == y.shape == (3, 10) and np.array_equal(y[:, :-1], x[:, 1:])
+        positions.append(x)
+    # Three contiguous streams inside the validation part, each read chunk after chunk.
+    streams = np.concatenate(positions, axis=1).astype(int)  # (3, 30)
+    assert ((streams - 900 % 251) % 251 < 100).all()  # only validation characters
+    assert (np.diff(streams, axis=1) % 251 == 1).all()  # consecutive: the state can carry
+
+
+def test_val_streams_split_across_ranks_without_overlap():
+    _, val = split_corpus(np.arange(10000, dtype=np.int32), DataConfig(seq_len=10, stride=10))
+    ranks = [np.concatenate([x for x, _ in val_chunks(val, r, 2)], axis=1) for r in range(2)]
+    assert ranks[0].shape == ranks[1].shape
+    assert not set(ranks[0].ravel().tolist()) & set(ranks[1].ravel().tolist())
 
 
 def test_offsets_and_order_change_with_the_epoch_and_are_reproducible():

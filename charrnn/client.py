@@ -1,0 +1,53 @@
+"""HTTP client of the Serve app, for `jobs/generate.py --serve-url` and the benchmarks.
+
+Each prompt goes as its own request (seed + i for prompt i, as offline), many at once, so the
+server's batcher can gather them into shared generation batches.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+
+import requests
+
+from charrnn.errors import CharrnnError
+from charrnn.generate import Generator, SampleParams
+
+
+def request_body(prompt: str, p: SampleParams) -> dict:
+    body = {"prompt": prompt, "max_chars": p.max_new_chars, "temperature": p.temperature,
+            "top_p": p.top_p, "greedy": p.greedy, "seed": p.seed}
+    if p.top_k:
+        body["top_k"] = p.top_k
+    return body
+
+
+def generate_remote(url: str, prompts: list[str], params: SampleParams, token: str | None = None,
+                    concurrency: int = 32, timeout: float = 300) -> tuple[list[str], dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    session = requests.Session()
+
+    def one(item):
+        prompt, p = item
+        try:
+            r = session.post(url.rstrip("/") + "/generate", json=request_body(prompt, p),
+                             headers=headers, timeout=timeout)
+        except requests.RequestException as e:
+            raise CharrnnError(f"cannot reach {url}: {e}") from None
+        if r.status_code != 200:
+            try:
+                msg = r.json().get("error", r.text)
+            except ValueError:
+                msg = r.text
+            raise CharrnnError(f"{url} answered {r.status_code}: {msg}")
+        data = r.json()
+        return data["completions"][0], data["model"]
+
+    rows = Generator.row_params(params, len(prompts))
+    with ThreadPoolExecutor(min(concurrency, max(1, len(prompts)))) as pool:
+        results = list(pool.map(one, zip(prompts, rows)))
+    return [c for c, _ in results], (results[0][1] if results else {})
+
+
+

@@ -1,0 +1,263 @@
+"""Ray Serve application: the winning checkpoint served for batched, streamed generation.
+
+    serve run charrnn.serve:build_app checkpoint=runs/alice/winner.json
+    serve run serve_config.yaml
+
+Concurrent requests are gathered by `@serve.batch` into one stateful generation batch: the
+prompts are fed once, then the LSTM steps once per character for every active row. Each row has
+its own length, temperature, top-k/top-p and seed, and its stream ends as soon as its own length
+is reached. A replica watches the winner manifest and hot-swaps to a better checkpoint; a batch
+keeps the model it started with, so in-flight requests finish on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import AsyncGenerator, Literal, Optional
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+
+from charrnn import checkpoint, storage
+from charrnn.config import ServeConfig, serve_config_from_args
+from charrnn.errors import CharrnnError
+from charrnn.generate import Generator, SampleParams, stream
+
+log = logging.getLogger("ray.serve")
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate and /generate/stream: `prompt` or `prompts`, and how to decode."""
+    prompt: Optional[str] = Field(None, description="one prompt")
+    prompts: Optional[list[str]] = Field(None, description="several prompts, generated together")
+    max_chars: int = Field(200, ge=0, description="characters to generate per prompt")
+    temperature: float = Field(1.0, description="> 0 unless greedy")
+    top_k: Optional[int] = Field(None, ge=1, description="sample among the k likeliest")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    greedy: bool = Field(False, description="argmax decoding")
+    seed: Optional[int] = Field(None, description="prompt i uses seed + i")
+    oov: Literal["error", "drop", "replace"] = Field("error", description="unknown characters")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+@dataclass
+class Row:
+    prompt: str
+    params: SampleParams
+
+
+api = FastAPI(title="charrnn", description="Character-level LSTM text generation")
+
+
+@api.exception_handler(HTTPError)
+async def _http_error(_: Request, e: HTTPError):
+    return JSONResponse({"error": e.message}, status_code=e.status,
+                        headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
+@serve.deployment(
+    name="CharRNN",
+    # Large enough that a replica holds a full batch plus the next one filling up.
+    max_ongoing_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 96,
+                        "upscale_delay_s": 10, "downscale_delay_s": 120},
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+)
+@serve.ingress(api)
+class CharRNNServer:
+    def __init__(self, config: dict):
+        self.cfg = serve_config_from_args(config)
+        self.token = os.environ.get(self.cfg.api_token_env) or None
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") \
+            if self.cfg.device == "auto" else self.cfg.device
+        self.batch_sizes: Counter = Counter()
+        self._lock = threading.Lock()
+        self.current = self._load(self.cfg.checkpoint)
+        self.source = self.cfg.checkpoint
+        self._batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._stop = threading.Event()
+        if self.cfg.watch_interval_s:
+            threading.Thread(target=self._watch, daemon=True, name="winner-watch").start()
+
+    # ----- model loading and hot swap -------------------------------------------------------
+    def _load(self, uri: str) -> Generator:
+        loaded = checkpoint.load(uri, self.device)
+        g = Generator(loaded, self.device)
+        m = loaded.meta
+        g.info = {"run": m.get("run"), "checkpoint": loaded.uri, "step": m.get("step"),
+                  "val_loss": (m.get("metrics") or {}).get("val_loss"), "loaded_at": time.time()}
+        log.info("serving %s (val_loss %s)", loaded.uri, g.info["val_loss"])
+        return g
+
+    def _swap_if_new(self, uri: str) -> bool:
+        """Load `uri`'s checkpoint when it differs from the one serving; swap atomically."""
+        with self._lock:
+            target = checkpoint.resolve(uri)
+            if target == self.current.info["checkpoint"]:
+                return False
+            new = self._load(target)
+            self.current = new  # one reference assignment: batches already running keep theirs
+            return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.cfg.watch_interval_s):
+            try:
+                self._swap_if_new(self.source)
+            except Exception as e:  # a bad or partial new winner: keep serving the old one
+                log.warning("winner watch: keeping %s: %s", self.current.info["checkpoint"], e)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint."""
+        uri = (user_config or {}).get("checkpoint")
+        if uri:
+            self.source = uri
+            self._swap_if_new(uri)
+
+    def check_health(self) -> None:
+        if self.current is None:
+            raise RuntimeError("no model loaded")
+
+    # ----- batching ---------------------------------------------------------------------------
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02)
+    async def _batch(self, rows: list[Row]) -> AsyncGenerator[list, None]:
+        """One generation batch; yields per step a (char, model info) or StopIteration per row."""
+        gen = self.current  # the model this batch starts with and finishes on
+        self.batch_sizes[len(rows)] += 1
+        steps = stream(gen.model, gen.vocab, [r.prompt for r in rows], [r.params for r in rows],
+                       gen.device)
+        while True:
+            chars = await asyncio.to_thread(next, steps, None)  # the event loop stays free
+            if chars is None:
+                return
+            yield [StopIteration if c is None else (c, gen.info) for c in chars]
+
+    async def _one(self, row: Row) -> tuple[str, dict]:
+        out, info = [], self.current.info
+        async for c, info in self._batch(row):
+            out.append(c)
+        return "".join(out), info
+
+    # ----- request handling -------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not (header.startswith("Bearer ") and secrets.compare_digest(header[7:], self.token)):
+            raise HTTPError(401, "missing or wrong bearer token")
+
+    async def _parse(self, request: Request) -> tuple[list[Row], GenerateRequest]:
+        self._auth(request)
+        limit = self.cfg.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPError(413, f"request body larger than {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPError(413, f"request body larger than {limit} bytes")
+        try:
+            req = GenerateRequest.model_validate_json(body)
+        except ValidationError as e:
+            raise HTTPError(400 if "json" in str(e).lower() and not body.strip().startswith(b"{")
+                            else 422, _validation_message(e)) from None
+        if (req.prompt is None) == (req.prompts is None):
+            raise HTTPError(422, "give exactly one of 'prompt' or 'prompts'")
+        prompts = [req.prompt] if req.prompt is not None else req.prompts
+        if not prompts or any(p == "" for p in prompts):
+            raise HTTPError(422, "prompts must be non-empty strings")
+        if len(prompts) > self.cfg.max_prompts:
+            raise HTTPError(422, f"{len(prompts)} prompts; at most {self.cfg.max_prompts} per request")
+        if any(len(p) > self.cfg.max_prompt_chars for p in prompts):
+            raise HTTPError(422, f"a prompt is longer than {self.cfg.max_prompt_chars} characters")
+        if req.max_chars > self.cfg.max_chars_limit:
+            raise HTTPError(422, f"max_chars {req.max_chars} is above the limit "
+                                 f"{self.cfg.max_chars_limit}")
+        if not req.greedy and req.temperature <= 0:
+            raise HTTPError(422, "temperature must be > 0 (or set greedy: true)")
+        try:
+            params = SampleParams(max_new_chars=req.max_chars, temperature=req.temperature,
+                                  top_k=req.top_k or 0, top_p=req.top_p, greedy=req.greedy,
+                                  seed=req.seed)
+            gen = self.current
+            clean = gen.prepare(prompts, req.oov)
+        except (ValueError, CharrnnError) as e:
+            raise HTTPError(422, str(e)) from None
+        return [Row(p, rp) for p, rp in zip(clean, Generator.row_params(params, len(clean)))], req
+
+    @api.post("/generate", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
+    async def generate(self, request: Request) -> JSONResponse:
+        """Complete one prompt or a list of prompts; returns completions and the serving model."""
+        rows, _ = await self._parse(request)
+        results = await asyncio.gather(*(self._one(r) for r in rows))
+        return JSONResponse({"completions": [text for text, _ in results],
+                             "model": _public(results[0][1])})
+
+    @api.post("/generate/stream", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
+    async def generate_stream(self, request: Request) -> StreamingResponse:
+        """Stream one prompt's characters (text/plain) as they are generated."""
+        rows, _ = await self._parse(request)
+        if len(rows) != 1:
+            raise HTTPError(422, "/generate/stream takes a single 'prompt'")
+        info = self.current.info
+
+        async def chars():
+            async for c, _ in self._batch(rows[0]):
+                yield c
+
+        return StreamingResponse(chars(), media_type="text/plain; charset=utf-8",
+                                 headers={"X-Charrnn-Checkpoint": info["checkpoint"]})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/model")
+    async def model(self) -> dict:
+        """Which checkpoint is serving."""
+        return {**_public(self.current.info), "source": self.source,
+                "params": self.current.model.num_params()}
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        """Generation batches formed so far, by size."""
+        return {"batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+
+
+def _public(info: dict) -> dict:
+    return {k: info[k] for k in ("run", "checkpoint", "val_loss", "step")}
+
+
+def build_app(args: dict) -> serve.Application:
+    """App builder: `serve run charrnn.serve:build_app checkpoint=URI [key=value ...]`.
+
+    Keys are the `ServeConfig` fields; the checkpoint is checked here, so a wrong URI fails at
+    deploy time with a clear message rather than in a crash-looping replica.
+    """
+    cfg = serve_config_from_args(args)
+    storage.configure()
+    checkpoint.resolve(cfg.checkpoint)
+    return CharRNNServer.bind({k: getattr(cfg, k) for k in cfg.__dataclass_fields__})

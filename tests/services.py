@@ -1,0 +1,96 @@
+"""Services the integration tests start and stop themselves, all on 127.0.0.1.
+
+- `moto_server`: an S3-compatible HTTP server standing in for MinIO; the code under test talks
+  to it through boto3 / pyarrow exactly as to MinIO.
+- `ray_head`: `ray start --head` on loopback with token authentication (a fresh random token,
+  passed through RAY_AUTH_TOKEN so ~/.ray is untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+# Credentials that tests grep for: they must never appear in checkpoints, logs or metrics.
+ACCESS_KEY = "AKIACHARRNNTESTKEY01"
+SECRET_KEY = "charrnn-test-secret-Zq8v2LmX0pR7"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def moto_server():
+    """Yields the env (endpoint, region, credentials) of a fresh S3 server on loopback."""
+    port = free_port()
+    exe = shutil.which("moto_server", path=str(BIN)) or "moto_server"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _port_open(port), 30, "moto_server")
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def s3_client(env: dict):
+    import boto3
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def bucket_objects(env: dict, bucket: str) -> dict[str, bytes]:
+    c = s3_client(env)
+    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+@contextlib.contextmanager
+def ray_head(extra_env: dict | None = None, num_cpus: int = 2):
+    """`ray start --head` on loopback with token auth; yields (env for clients, dashboard URL)."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, **(extra_env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(BIN / "ray")
+    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             f"--num-cpus={num_cpus}", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for(lambda: _port_open(dash), 60, "the Ray dashboard")
+        yield env, url, f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,218 @@
+"""Ray Train integration: sharding, DDP on CPU, S3 checkpoints, fault tolerance, job submission."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from charrnn import checkpoint, storage
+from charrnn.config import load_config
+from charrnn.errors import StorageError
+from charrnn.trainer import fit, window_index_array
+from tests.conftest import ROOT, run_job
+from tests.services import (ACCESS_KEY, SECRET_KEY, bucket_objects, moto_server, ray_head,
+                            s3_client, wait_for)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An in-process Ray cluster (token auth is on by default for ray.init in 2.60)."""
+    import ray
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_server() as env:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        storage.configure()
+        s3_client(env).create_bucket(Bucket="charrnn")
+        yield env
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cfg(corpus, storage_uri, name, *extra):
+    return load_config(str(ROOT / "configs" / "tiny.yaml"),
+                       [f"data.corpus={corpus}", f"run.storage={storage_uri}", f"run.name={name}",
+                        *extra])
+
+
+def test_window_index_padding_covers_every_window():
+    for k, w in [(10, 3), (9, 3), (1, 2), (4061, 2)]:
+        arr = window_index_array(k, w)
+        assert len(arr) % w == 0 and set(arr) == set(range(k)) and len(arr) - k < w
+
+
+def _shard_probe(config):
+    """A train function recording which window indices each rank sees per epoch."""
+    import ray.train
+
+    from charrnn.dist import RayBackend
+    b = RayBackend("")
+    for epoch in range(2):
+        seen = np.concatenate(list(b.index_batches(0, 7)))
+        np.save(Path(config["out"]) / f"rank{b.rank}_epoch{epoch}.npy", seen)
+        ray.train.report({"epoch": epoch})
+
+
+def test_shards_are_disjoint_and_cover_the_epoch(ray_local, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from charrnn.trainer import window_dataset
+    K = 101
+    TorchTrainer(_shard_probe, train_loop_config={"out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name="shards", storage_path=str(tmp_path / "store")),
+                 datasets={"train": window_dataset(K, 2)}).fit()
+    padded = window_index_array(K, 2)
+    for epoch in range(2):
+        a = np.load(tmp_path / f"rank0_epoch{epoch}.npy")
+        b = np.load(tmp_path / f"rank1_epoch{epoch}.npy")
+        assert len(a) == len(b) == len(padded) // 2  # equal shares: equal DDP steps
+        assert sorted(np.concatenate([a, b])) == sorted(padded)  # disjoint, whole epoch
+        assert set(a) | set(b) == set(range(K))
+
+
+def test_two_workers_to_s3_then_generate(ray_local, s3, corpus_path, tmp_path, capfd):
+    winner = fit(_cfg(corpus_path, "s3://charrnn/runs", "ddp", "scaling.workers=2",
+                      "run.checkpoint_every_steps=40"))
+    assert winner == "s3://charrnn/runs/ddp/winner.json"
+    objects = bucket_objects(s3, "charrnn")
+    manifest = json.loads(objects["runs/ddp/winner.json"])
+    metrics = json.loads(objects["runs/ddp/metrics.json"])
+    assert manifest["val_loss"] == min(m["val_loss"] for m in metrics)
+    assert "runs/ddp/loss_curve.png" in objects and "runs/ddp/metrics.csv" in objects
+    assert [m["step"] for m in metrics] == [40, 63, 80, 120, 126]  # 2 workers: half the steps
+    loaded = checkpoint.load(winner)
+    assert loaded.meta["step"] == manifest["step"] and loaded.config.scaling.workers == 2
+    # Credentials never reach storage, the config shipped to workers, or the logs.
+    out, err = capfd.readouterr()
+    for blob in [*objects.values(), out.encode(), err.encode(),
+                 json.dumps(loaded.config.to_dict()).encode()]:
+        assert ACCESS_KEY.encode() not in blob and SECRET_KEY.encode() not in blob
+    p = run_job("generate.py", "--checkpoint", winner, "--prompt", "alice", "--max-chars", "40",
+                "--seed", "1", env=s3)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("alice") and len(p.stdout) > 40
+    # Same number of samples on one worker in local mode: the same loss, within noise.
+    local = fit(_cfg(corpus_path, str(tmp_path), "one", "train.batch_size=64"))
+    one = json.loads(Path(local).read_text())["val_loss"]
+    assert abs(one - manifest["val_loss"]) < 0.1, (one, manifest["val_loss"])
+
+
+def test_storage_errors_come_before_training(s3, tmp_path):
+    with pytest.raises(StorageError, match="bucket 'missing' does not exist"):
+        storage.check_storage("s3://missing/runs")
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    try:
+        with pytest.raises(StorageError, match="denied"):
+            storage.check_storage("s3://charrnn/runs")
+    finally:
+        os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+    t0 = time.monotonic()
+    storage.configure(endpoint_url="http://127.0.0.1:9")
+    try:
+        with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+            storage.check_storage("s3://charrnn/runs")
+    finally:
+        storage.configure()
+    assert time.monotonic() - t0 < 60
+
+
+def test_corpus_from_s3(s3, corpus_path, tmp_path):
+    s3_client(s3).upload_file(str(corpus_path), "charrnn", "data/wonderland.txt")
+    from charrnn.corpus import load_text
+    from charrnn.config import DataConfig
+    assert load_text(DataConfig(corpus="s3://charrnn/data/wonderland.txt")).startswith("alice")
+
+
+def test_interrupted_upload_never_moves_the_winner(s3, corpus_path, monkeypatch):
+    cfg = _cfg(corpus_path, "s3://charrnn/runs", "cut", "train.epochs=2")
+    real = storage.upload_dir
+    calls = []
+
+    def upload_then_die(local_dir, uri):
+        calls.append(uri)
+        if len(calls) == 2:  # the second checkpoint: copy one file, then "crash"
+            fs, path = storage.resolve(uri)
+            with fs.open_output_stream(f"{path}/model.pt") as f:
+                f.write((Path(local_dir) / "model.pt").read_bytes())
+            raise OSError("connection reset during upload")
+        real(local_dir, uri)
+
+    monkeypatch.setattr(storage, "upload_dir", upload_then_die)
+    with pytest.raises(Exception, match="connection reset"):
+        fit(cfg)
+    manifest = checkpoint.read_winner("s3://charrnn/runs/cut/winner.json")
+    assert manifest["step"] == 127  # still the first, complete checkpoint
+    assert checkpoint.load("s3://charrnn/runs/cut/winner.json").meta["step"] == 127
+    monkeypatch.setattr(storage, "upload_dir", real)
+    fit(cfg)  # re-running the same name resumes and finishes
+    assert checkpoint.read_winner("s3://charrnn/runs/cut/winner.json")["step"] == 254
+
+
+def _ray_workers():
+    import psutil
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml", "--corpus",
+         str(corpus_path), "--storage", str(tmp_path), "--name", "ft", "--workers", "2",
+         "--epochs", "4", "--set", "run.checkpoint_every_steps=20"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: list((tmp_path / "ft").glob("checkpoint_000000[2-9]0")), 240,
+                 "a first checkpoint")
+        victim = wait_for(_ray_workers, 30, "a Ray Train worker")[-1]
+        victim.send_signal(signal.SIGKILL)
+        assert proc.wait(360) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    finally:
+        proc.kill()
+    out = (tmp_path / "log.txt").read_text()
+    assert "resuming run 'ft'" in out
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    steps = [m["step"] for m in metrics]
+    assert steps == sorted(steps) and steps[-1] == 4 * 63  # finished, step count continued
+    assert "winner: " in out
+
+
+def test_ray_job_submit_end_to_end(corpus_path):
+    with moto_server() as s3env:
+        s3_client(s3env).create_bucket(Bucket="jobs")
+        with ray_head(extra_env=s3env) as (env, dashboard, _):
+            ray = str(Path(sys.executable).parent / "ray")
+            s3_client(s3env).upload_file(str(corpus_path), "jobs", "corpus/wonderland.txt")
+            p = subprocess.run(
+                [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+                 "python", "jobs/train.py", "--config", "configs/tiny.yaml", "--workers", "2",
+                 "--corpus", "s3://jobs/corpus/wonderland.txt", "--storage", "s3://jobs/runs",
+                 "--name", "submitted"],
+                cwd=ROOT, env={**env, **s3env}, capture_output=True, text=True, timeout=400)
+            assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+            assert "winner: s3://jobs/runs/submitted/winner.json" in p.stdout
+        objects = bucket_objects(s3env, "jobs")
+        assert "runs/submitted/winner.json" in objects
+        g = run_job("generate.py", "--checkpoint", "s3://jobs/runs/submitted/winner.json",
+                    "--prompt", "the queen", "--max-chars", "50", "--seed", "2", env=s3env)
+        assert g.returncode == 0 and g.stdout.startswith("the queen"), g.stderr

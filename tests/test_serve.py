@@ -1,0 +1,259 @@
+"""Ray Serve on loopback: success, streaming, bad input, batching, hot swap, auth, S3."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from charrnn import checkpoint
+from tests.conftest import ROOT, run_job
+from tests.services import free_port, moto_server, s3_client, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def serve_base():
+    """Ray + Serve in this process, HTTP on 127.0.0.1 (token auth on for the cluster)."""
+    import ray
+    from ray import serve
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(base, name="charrnn", **args):
+    from ray import serve
+
+    from charrnn.serve import build_app
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    wait_for(lambda: _ok(base + "/healthz"), 120, "the Serve app")
+    return base
+
+
+def _ok(url):
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run, tmp_path_factory):
+    """A copy of the tiny run, so hot-swap tests can move its winner."""
+    storage, name, _ = tiny_run
+    dst = tmp_path_factory.mktemp("serve") / name
+    shutil.copytree(storage / name, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def app(serve_base, run_dir):
+    return deploy(serve_base, checkpoint=str(run_dir / "winner.json"), watch_interval_s=0.5,
+                  max_chars_limit=500, max_prompts=8, max_body_bytes=4096)
+
+
+def post(app, path="/generate", **body):
+    return requests.post(app + path, json=body, timeout=60)
+
+
+def test_generate_and_model_info(app, run_dir):
+    r = post(app, prompt="Alice was", max_chars=40, temperature=0.8, seed=1)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert len(data["completions"]) == 1 and len(data["completions"][0]) == 40
+    winner = json.loads((run_dir / "winner.json").read_text())
+    assert data["model"]["step"] == winner["step"] and data["model"]["run"] == "tiny"
+    assert data["model"]["checkpoint"].endswith(winner["checkpoint"])
+    m = requests.get(app + "/model").json()
+    assert m["val_loss"] == pytest.approx(winner["val_loss"])
+    assert requests.get(app + "/docs").status_code == 200
+    assert "/generate" in requests.get(app + "/openapi.json").json()["paths"]
+
+
+def test_same_seed_same_text_offline_and_online(app, run_dir):
+    prompts = ["the queen", "alice", "she said"]
+    r = post(app, prompts=prompts, max_chars=60, temperature=0.9, top_k=10, seed=5).json()
+    offline = run_job("generate.py", "--checkpoint", str(run_dir), "--prompt", prompts[0],
+                      "--prompt", prompts[1], "--prompt", prompts[2], "--max-chars", "60",
+                      "--temperature", "0.9", "--top-k", "10", "--seed", "5", "--format", "jsonl")
+    assert [json.loads(x)["completion"] for x in offline.stdout.splitlines()] == r["completions"]
+    # Sent alone, prompt 1 with seed 6 gives the same text as inside the batch.
+    alone = post(app, prompt="alice", max_chars=60, temperature=0.9, top_k=10, seed=6).json()
+    assert alone["completions"][0] == r["completions"][1]
+
+
+def test_streaming(app):
+    with requests.post(app + "/generate/stream", json={"prompt": "the", "max_chars": 50,
+                                                       "seed": 3}, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        chunks = [c for c in r.iter_content(chunk_size=None, decode_unicode=True)]
+    text = "".join(chunks)
+    assert len(text) == 50
+    assert text == post(app, prompt="the", max_chars=50, seed=3).json()["completions"][0]
+
+
+@pytest.mark.parametrize("body,status,match", [
+    (b"{not json", 400, "JSON"),
+    (b"[1, 2]", 422, ""),
+    (b"{}", 422, "exactly one of"),
+    (b'{"prompt": ""}', 422, "non-empty"),
+    (b'{"prompts": []}', 422, "non-empty"),
+    (b'{"prompt": "a\\u00e9\\u00f8"}', 422, "'é', 'ø'"),
+    (b'{"prompt": "a", "max_chars": 501}', 422, "above the limit 500"),
+    (b'{"prompt": "a", "temperature": 0}', 422, "temperature must be > 0"),
+    (b'{"prompt": "a", "temperature": -1}', 422, "temperature"),
+    (b'{"prompt": "a", "top_p": 0}', 422, "top_p"),
+    (b'{"prompt": "a", "top_p": 1.5}', 422, "top_p"),
+    (b'{"prompt": "a", "top_k": 0}', 422, "top_k"),
+    (b'{"prompt": "a", "max_chars": "many"}', 422, "max_chars"),
+    (json.dumps({"prompts": ["a"] * 9}).encode(), 422, "at most 8"),
+    (json.dumps({"prompt": "a" * 5000}).encode(), 413, "larger than 4096"),
+])
+def test_bad_input_is_4xx_with_a_message(app, body, status, match):
+    r = requests.post(app + "/generate", data=body, timeout=30,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert match in r.json()["error"]
+    assert post(app, prompt="a", max_chars=5).status_code == 200  # the replica stays healthy
+
+
+def test_greedy_needs_no_temperature_and_oov_policies(app):
+    assert post(app, prompt="a", max_chars=5, greedy=True, temperature=0).status_code == 200
+    r = post(app, prompt="aé", max_chars=5, oov="drop", seed=1)
+    assert r.status_code == 200
+
+
+def test_concurrent_requests_form_real_batches(app):
+    before = requests.get(app + "/stats").json()["batch_sizes"]
+
+    def one(i):
+        return post(app, prompt=f"the {i}", max_chars=100 + i, seed=i)
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert all(r.status_code == 200 for r in results)
+    assert [len(r.json()["completions"][0]) for r in results] == [100 + i for i in range(32)]
+    after = requests.get(app + "/stats").json()["batch_sizes"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    assert max(new) > 1, new  # concurrent requests shared generation batches
+
+
+def test_hot_swap_when_winner_changes(app, run_dir):
+    old = requests.get(app + "/model").json()
+    other = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.name not in old["checkpoint"])
+    assert other, "the tiny run keeps more than one checkpoint"
+    manifest = json.loads((run_dir / "winner.json").read_text())
+    # A long request in flight while the winner moves finishes on the model it started with.
+    with ThreadPoolExecutor(1) as pool:
+        inflight = pool.submit(post, app, prompt="a", max_chars=500, seed=1)
+        time.sleep(0.2)
+        new_manifest = {**manifest, "checkpoint": other[0],
+                        "step": int(other[0].split("_")[1])}
+        (run_dir / "winner.json").write_text(json.dumps(new_manifest))
+        r = inflight.result()
+    assert r.status_code == 200 and r.json()["model"]["checkpoint"] == old["checkpoint"]
+    wait_for(lambda: requests.get(app + "/model").json()["checkpoint"] != old["checkpoint"],
+             30, "the hot swap")
+    assert post(app, prompt="a", max_chars=5).json()["model"]["step"] == new_manifest["step"]
+    (run_dir / "winner.json").write_text(json.dumps(manifest))  # restore
+    wait_for(lambda: requests.get(app + "/model").json()["checkpoint"] == old["checkpoint"],
+             30, "the swap back")
+
+
+def test_swap_through_user_config(serve_base, run_dir):
+    from ray import serve
+
+    from charrnn.serve import CharRNNServer
+    ckpts = sorted(run_dir.glob("checkpoint_*"))
+    args = {"checkpoint": str(run_dir), "watch_interval_s": 0}
+    app = CharRNNServer.options(user_config={"checkpoint": str(ckpts[0])}).bind(args)
+    serve.run(app, name="uc", route_prefix="/uc", blocking=False)
+    wait_for(lambda: _ok(serve_base + "/uc/healthz"), 120, "the uc app")
+    assert requests.get(serve_base + "/uc/model").json()["checkpoint"] == str(ckpts[0])
+    app = CharRNNServer.options(user_config={"checkpoint": str(ckpts[-1])}).bind(args)
+    serve.run(app, name="uc", route_prefix="/uc", blocking=False)
+    wait_for(lambda: requests.get(serve_base + "/uc/model").json()["checkpoint"] == str(ckpts[-1]),
+             60, "the user_config swap")
+    serve.delete("uc")
+
+
+def test_bearer_token(serve_base, run_dir, monkeypatch):
+    from ray import serve
+    monkeypatch.setenv("CHARRNN_TEST_TOKEN", "s3cret-token")
+    from charrnn.serve import CharRNNServer
+    app = CharRNNServer.options(ray_actor_options={
+        "num_cpus": 0.5, "runtime_env": {"env_vars": {"CHARRNN_TEST_TOKEN": "s3cret-token"}}}
+    ).bind({"checkpoint": str(run_dir), "api_token_env": "CHARRNN_TEST_TOKEN"})
+    serve.run(app, name="auth", route_prefix="/auth", blocking=False)
+    wait_for(lambda: _ok(serve_base + "/auth/healthz"), 120, "the auth app")
+    url = serve_base + "/auth/generate"
+    assert requests.post(url, json={"prompt": "a"}).status_code == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert requests.post(url, json={"prompt": "a"}, headers=bad).status_code == 401
+    good = {"Authorization": "Bearer s3cret-token"}
+    assert requests.post(url, json={"prompt": "a", "max_chars": 3}, headers=good).status_code == 200
+    assert requests.get(serve_base + "/auth/healthz").status_code == 200  # health stays open
+    serve.delete("auth")
+
+
+def test_batch_client_job_matches_offline(app, run_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the queen\nalice was\nthe cat\n")
+    common = ["--prompts-file", str(prompts), "--format", "jsonl", "--max-chars", "40",
+              "--seed", "9", "--temperature", "0.7"]
+    online = run_job("generate.py", "--serve-url", app, *common)
+    offline = run_job("generate.py", "--checkpoint", str(run_dir), *common)
+    assert online.returncode == 0, online.stderr
+    rows = [json.loads(x) for x in online.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["the queen", "alice was", "the cat"]
+    assert [r["completion"] for r in rows] == [json.loads(x)["completion"]
+                                              for x in offline.stdout.splitlines()]
+
+
+def test_serving_from_s3(serve_base, run_dir):
+    with moto_server() as env:
+        c = s3_client(env)
+        c.create_bucket(Bucket="models")
+        for f in run_dir.rglob("*"):
+            if f.is_file():
+                c.upload_file(str(f), "models", f"runs/tiny/{f.relative_to(run_dir)}")
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            from ray import serve
+
+            from charrnn.serve import CharRNNServer, build_app
+            build_app({"checkpoint": "s3://models/runs/tiny/winner.json"})  # resolves via S3
+            app = CharRNNServer.options(ray_actor_options={"num_cpus": 0.5,
+                                                           "runtime_env": {"env_vars": env}}).bind(
+                {"checkpoint": "s3://models/runs/tiny/winner.json", "watch_interval_s": 0})
+            serve.run(app, name="s3", route_prefix="/s3", blocking=False)
+            wait_for(lambda: _ok(serve_base + "/s3/healthz"), 120, "the S3 app")
+            r = requests.post(serve_base + "/s3/generate", json={"prompt": "a", "max_chars": 10})
+            assert r.status_code == 200 and r.json()["model"]["checkpoint"].startswith("s3://")
+            serve.delete("s3")
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_shipped_serve_config_is_valid():
+    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    from ray.serve.schema import ServeDeploySchema
+    ServeDeploySchema.model_validate(cfg)
+    app = cfg["applications"][0]
+    assert app["import_path"] == "charrnn.serve:build_app"
+    from charrnn.config import serve_config_from_args
+    serve_config_from_args(app["args"])
