@@ -59,6 +59,7 @@ def save(directory: str | Path, model: CharRNN, config: Config, vocab: Vocab, me
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }, d / "train_state.pt")
     (d / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=2))
     return d

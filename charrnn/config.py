@@ -79,6 +79,8 @@ class TrainConfig:
     """Progress line interval in steps (0 disables; epoch lines always print)."""
     sample_chars: int = 80
     """Length of the sample printed at each evaluation."""
+    eval_max_chars: int = 2_000_000
+    """Validation scores at most this many held-out characters (0: all of them)."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -89,6 +91,7 @@ class TrainConfig:
         _check(self.max_minutes >= 0, "train.max_minutes must be >= 0")
         _check(self.precision in ("auto", "bf16", "fp32"), "train.precision must be auto|bf16|fp32")
         _check(self.threads >= 0 and self.sample_chars >= 0, "train.threads/sample_chars >= 0")
+        _check(self.eval_max_chars >= 0, "train.eval_max_chars must be >= 0")
 
 
 @dataclass

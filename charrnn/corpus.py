@@ -96,7 +96,7 @@ def clean(text: str, opts: DataConfig) -> str:
     if opts.min_char_count:
         drop |= set(rare_chars(text, opts.min_char_count))
     if drop:
-        text = "".join(c for c in text if c not in drop)
+        text = text.translate({ord(c): None for c in drop})
     if not text.strip():
         raise CorpusError("the corpus is empty after cleaning")
     return text

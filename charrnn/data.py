@@ -95,15 +95,19 @@ def local_index_batches(num_windows: int, batch_size: int, rank: int = 0, world:
 VAL_STREAMS = 16
 
 
-def val_chunks(val: Split, rank: int = 0, world: int = 1, streams: int = VAL_STREAMS):
+def val_chunks(val: Split, rank: int = 0, world: int = 1, streams: int = VAL_STREAMS,
+               max_chars: int = 0):
     """The held-out text as `streams` contiguous streams read in `seq_len` chunks, so a caller
     that carries the recurrent state across chunks scores every character with its whole
     preceding context (as generation sees it), not from a cold state at each window start.
 
+    `max_chars` > 0 scores only the start of the held-out text (for very large corpora).
     Yields (x, y), each (S, T) for this rank's streams (every world-th). Every chunk of a rank
     has the same S, so the state carries over; the ragged tail of each stream is dropped.
     """
     n = len(val.ids) - 1
+    if max_chars:
+        n = min(n, max_chars)  # the first `max_chars` held-out characters
     streams = max(world, min(streams, n // val.seq_len))
     length = n // streams // val.seq_len * val.seq_len  # per stream, whole chunks
     mine = np.arange(streams)[rank::world] * (n // streams)  # (S,) stream starts

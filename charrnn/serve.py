@@ -180,8 +180,9 @@ class CharRNNServer:
         try:
             req = GenerateRequest.model_validate_json(body)
         except ValidationError as e:
-            raise HTTPError(400 if "json" in str(e).lower() and not body.strip().startswith(b"{")
-                            else 422, _validation_message(e)) from None
+            malformed = any(err["type"] == "json_invalid" for err in e.errors())
+            raise HTTPError(400 if malformed else 422,
+                            ("malformed JSON: " if malformed else "") + _validation_message(e)) from None
         if (req.prompt is None) == (req.prompts is None):
             raise HTTPError(422, "give exactly one of 'prompt' or 'prompts'")
         prompts = [req.prompt] if req.prompt is not None else req.prompts

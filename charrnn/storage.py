@@ -132,7 +132,13 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         if isinstance(fs, pafs.LocalFileSystem):
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             shutil.copytree(local_dir, tmp)
-            os.replace(tmp, path)
+            if os.path.exists(path):  # replacing: move the old one aside, then swap
+                old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
         else:
             pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
     except OSError as e:

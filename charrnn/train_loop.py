@@ -105,7 +105,11 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.b.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.b.device)
         m = loaded.meta
+        if self.b.rank:  # the saved state is rank 0's: other ranks keep distinct dropout masks
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.b.rank + m["step"])
         self.epoch, self.epoch_step, self.step = m["next_epoch"], m["epoch_step"], m["step"]
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
@@ -145,7 +149,8 @@ class Trainer:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
                 self._evaluate("time limit" if out_of_time else "epoch")
                 if out_of_time:
-                    print("stopping: train.max_minutes reached", flush=True) if self.b.is_writer else None
+                    if self.b.is_writer:
+                        print("stopping: train.max_minutes reached", flush=True)
                     break
         except KeyboardInterrupt:
             if isinstance(self.b, LocalBackend):
@@ -205,7 +210,8 @@ class Trainer:
         self.model.eval()
         total = count = 0.0
         state = None  # carried across chunks: each stream is read as one long sequence
-        for x, y in val_chunks(self.val, self.b.rank, self.b.world):
+        for x, y in val_chunks(self.val, self.b.rank, self.b.world,
+                               max_chars=self.cfg.train.eval_max_chars):
             x, y = torch.from_numpy(x).to(self.b.device), torch.from_numpy(y).to(self.b.device)
             with self.autocast:
                 logits, state = unwrap(self.model)(x, state)
@@ -215,6 +221,8 @@ class Trainer:
 
     def _evaluate(self, reason: str) -> None:
         """All ranks: validate, all-reduce, checkpoint (rank 0), report. Resets the meter."""
+        if self.history and self.history[-1]["step"] == self.step:
+            return  # nothing trained since the last checkpoint (e.g. Ctrl-C right after one)
         dt = time.monotonic() - self.meter_t0
         vs, vc = self._val_sums()
         vs, vc, ts, tc, chars = self.b.all_reduce_sum(

@@ -25,7 +25,7 @@ class Vocab:
 
     @classmethod
     def from_text(cls, text: str) -> "Vocab":
-        return cls("".join(sorted(set(text))))
+        return cls("".join(sorted(char_counts(text))))
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -55,22 +55,28 @@ class Vocab:
         return "".join(c if c in self.index else replacement for c in text)
 
     def encode(self, text: str) -> np.ndarray:
-        """text -> (N,) ids in the smallest unsigned dtype; unknown characters raise."""
-        bad = self.unknown(text)
-        if bad:
-            self.clean(text, "error")
-        # Counting per distinct character is ~50x faster than a Python loop per character.
-        out = np.empty(len(text), dtype=self.dtype)
-        buf = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        """text -> (N,) ids in the smallest unsigned dtype; unknown characters raise.
+
+        A lookup table over code points, vectorised (a 1 GB corpus encodes in seconds). Latin-1
+        text (most corpora) is viewed at 1 byte per character, anything else as UTF-32.
+        """
         lut = {ord(c): i for c, i in self.index.items()}
-        if max(lut) < 1 << 16:
-            table = np.zeros(max(lut) + 1, dtype=self.dtype)
-            for o, i in lut.items():
-                table[o] = i
-            out[:] = table[buf]
-        else:
-            out[:] = [lut[int(o)] for o in buf]
-        return out
+        size = max(lut) + 1
+        try:
+            buf = np.frombuffer(text.encode("latin-1" if size <= 256 else "utf-32-le"),
+                                dtype=np.uint8 if size <= 256 else np.uint32)
+        except UnicodeEncodeError:
+            self.clean(text, "error")  # a character beyond the vocabulary: raises, listing it
+            raise
+        if size > 1 << 16:
+            return np.array([lut[int(o)] for o in buf], dtype=self.dtype)
+        table = np.zeros(max(size, 256), dtype=self.dtype)
+        known = np.zeros(max(size, 256), dtype=bool)
+        for o, i in lut.items():
+            table[o], known[o] = i, True
+        if len(buf) and (int(buf.max()) >= len(known) or not known[buf].all()):
+            self.clean(text, "error")
+        return table[buf]
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -83,7 +89,15 @@ class Vocab:
         return cls(d["chars"])
 
 
+def char_counts(text: str) -> dict[str, int]:
+    """Occurrences of each character; vectorised for Latin-1 text (1 GB in about a second)."""
+    try:
+        counts = np.bincount(np.frombuffer(text.encode("latin-1"), dtype=np.uint8), minlength=256)
+        return {chr(i): int(n) for i, n in enumerate(counts) if n}
+    except UnicodeEncodeError:
+        return dict(Counter(text))
+
+
 def rare_chars(text: str, min_count: int) -> str:
     """Characters occurring fewer than `min_count` times (the tutorial's 'drop rare symbols')."""
-    counts = Counter(text)
-    return "".join(sorted(c for c, n in counts.items() if n < min_count))
+    return "".join(sorted(c for c, n in char_counts(text).items() if n < min_count))
