@@ -38,10 +38,14 @@ def s3_endpoint() -> str:
             or os.environ.get("AWS_ENDPOINT_URL") or "")
 
 
+def s3_region() -> str:
+    return (_settings["region"] or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     kwargs: dict = dict(
-        region=_settings["region"] or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        region=s3_region(),
         connect_timeout=5, request_timeout=30,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
     )
@@ -187,9 +191,9 @@ def check_storage(uri: str) -> None:
     import botocore.config
     import botocore.exceptions
     bucket = uri[len("s3://"):].split("/", 1)[0]
-    client = boto3.client(
+    client = boto3.session.Session().client(  # a fresh session: no cached credentials
         "s3", endpoint_url=s3_endpoint() or None,
-        region_name=_settings["region"] or os.environ.get("AWS_REGION") or "us-east-1",
+        region_name=s3_region(),
         config=botocore.config.Config(connect_timeout=5, read_timeout=10,
                                       retries={"max_attempts": 2}))
     try:

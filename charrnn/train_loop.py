@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint, runlog
+from charrnn import checkpoint, runlog, storage
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
@@ -35,6 +35,7 @@ class Interrupted(Exception):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"])
+    storage.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
     vocab = Vocab(loop_config["vocab"])
     ids = loop_config["ids"]
     if loop_config["mode"] == "ray":

@@ -40,6 +40,10 @@ def fit(cfg: Config) -> str:
     """Train (or resume) the run named by `cfg.run`; returns the winner manifest's URI."""
     storage.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
     storage.check_storage(cfg.run.storage)  # a clear error now rather than a hang later
+    # Workers must reach the same endpoint: it (not a secret) travels in the config. Credentials
+    # never do; each process reads them from its own environment (Secret, IAM role, ~/.aws).
+    cfg = cfg.replace(run=dataclasses.replace(
+        cfg.run, s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
     cfg, vocab, ids = prepare(cfg)
     loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg)}
     if cfg.scaling.workers == 0:
@@ -66,12 +70,17 @@ def window_index_array(num_windows: int, workers: int) -> np.ndarray:
 
 
 def window_dataset(num_windows: int, workers: int):
-    """A Ray Dataset of window indices (8 bytes each: O(N / stride)). The blocks go into the
-    object store directly, so no read task competes with the training workers for CPU."""
+    """A Ray Dataset of window indices (8 bytes each: O(N / stride)).
+
+    The blocks are Arrow tables put into the object store directly: the dataset has no read or
+    map operator, so no Ray Data task ever waits for CPU that the training workers hold (on
+    small machines such a task starves and the job hangs).
+    """
+    import pyarrow as pa
     import ray.data
     arr = window_index_array(num_windows, workers)
     blocks = np.array_split(arr, max(1, min(len(arr) // 512, 8 * workers)))
-    return ray.data.from_numpy(blocks).rename_columns({"data": "id"})
+    return ray.data.from_arrow([pa.table({"id": b}) for b in blocks])
 
 
 def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -19,9 +20,6 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-# Credentials that tests grep for: they must never appear in checkpoints, logs or metrics.
-ACCESS_KEY = "AKIACHARRNNTESTKEY01"
-SECRET_KEY = "charrnn-test-secret-Zq8v2LmX0pR7"
 
 
 def free_port() -> int:
@@ -48,15 +46,31 @@ def _port_open(port: int) -> bool:
 
 @contextlib.contextmanager
 def moto_server():
-    """Yields the env (endpoint, region, credentials) of a fresh S3 server on loopback."""
+    """Yields the env (endpoint, region, credentials) of a fresh S3 server on loopback.
+
+    Like MinIO, it checks signatures: after the first three (unauthenticated) requests, which
+    create an IAM user and its access key, every request must be signed with that key. Tests
+    grep for the key to show it never leaks into checkpoints, logs or metrics.
+    """
+    import boto3
     port = free_port()
     exe = shutil.which("moto_server", path=str(BIN)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _port_open(port), 30, "moto_server")
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="charrnn")
+        iam.put_user_policy(UserName="charrnn", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="charrnn")["AccessKey"]
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
     finally:
         proc.terminate()
         proc.wait(10)
