@@ -114,8 +114,8 @@ class Trainer:
         self.epoch, self.epoch_step, self.step = m["next_epoch"], m["epoch_step"], m["step"]
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
-            print(f"resuming run {self.cfg.run.name!r} from {directory.name}: epoch "
-                  f"{self.epoch + 1}, step {self.step}, best val {self.best:.4f}", flush=True)
+            print(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
+                  f"(epoch {self.epoch + 1}, best val {self.best:.4f})", flush=True)
 
     def _eta(self) -> float:
         """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""

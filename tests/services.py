@@ -95,7 +95,9 @@ def ray_head(extra_env: dict | None = None, num_cpus: int = 2):
     """`ray start --head` on loopback with token auth; yields (env for clients, dashboard URL)."""
     port, dash = free_port(), free_port()
     env = {**os.environ, **(extra_env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           # `python` in a job's entrypoint is this venv's, as in an activated venv or image
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",

@@ -184,8 +184,10 @@ def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
          "--epochs", "4", "--set", "run.checkpoint_every_steps=20"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(lambda: list((tmp_path / "ft").glob("checkpoint_000000[2-9]0")), 240,
-                 "a first checkpoint")
+        snapshot = tmp_path / "ft" / "checkpoint_manager_snapshot.json"
+        # Kill only once Ray Train has registered a checkpoint (its snapshot names one).
+        wait_for(lambda: snapshot.is_file() and "checkpoint_000000" in snapshot.read_text(),
+                 240, "a registered checkpoint")
         victim = wait_for(_ray_workers, 30, "a Ray Train worker")[-1]
         victim.send_signal(signal.SIGKILL)
         assert proc.wait(360) == 0, (tmp_path / "log.txt").read_text()[-3000:]
@@ -195,7 +197,7 @@ def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
     assert "resuming run 'ft'" in out
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     steps = [m["step"] for m in metrics]
-    assert steps == sorted(steps) and steps[-1] == 4 * 63  # finished, step count continued
+    assert steps == sorted(steps) and steps[-1] == 4 * 64  # finished, step count continued
     assert "winner: " in out
 
 
