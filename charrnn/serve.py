@@ -10,7 +10,6 @@ is reached. A replica watches the winner manifest and hot-swaps to a better chec
 keeps the model it started with, so in-flight requests finish on it.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -75,6 +74,10 @@ def _validation_message(e: ValidationError) -> str:
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{where}: {err['msg']}" if where else err["msg"])
     return "; ".join(parts)
+
+
+def _public(info: dict) -> dict:
+    return {k: info[k] for k in ("run", "checkpoint", "val_loss", "step")}
 
 
 @serve.deployment(
@@ -246,10 +249,6 @@ class CharRNNServer:
     async def stats(self) -> dict:
         """Generation batches formed so far, by size."""
         return {"batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
-
-
-def _public(info: dict) -> dict:
-    return {k: info[k] for k in ("run", "checkpoint", "val_loss", "step")}
 
 
 def build_app(args: dict) -> serve.Application:
