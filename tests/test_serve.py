@@ -257,3 +257,41 @@ def test_shipped_serve_config_is_valid():
     assert app["import_path"] == "charrnn.serve:build_app"
     from charrnn.config import serve_config_from_args
     serve_config_from_args(app["args"])
+
+
+def test_serve_cli_run_and_deploy(tiny_run, tmp_path):
+    """`serve deploy serve_config.yaml` and `serve run charrnn.serve:build_app checkpoint=URI`
+    against a `ray start --head` cluster with token auth."""
+    from tests.services import ray_head
+    storage, name, _ = tiny_run
+    winner = str(storage / name / "winner.json")
+    serve = str(Path(sys.executable).parent / "serve")
+    with ray_head(num_cpus=2) as (env, dashboard, gcs):
+        env = {**env, "PYTHONPATH": str(ROOT)}
+        port = free_port()
+        cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        cfg["http_options"]["port"] = port
+        cfg["applications"][0]["args"]["checkpoint"] = winner
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ok(url + "/healthz"), 180, "serve deploy")
+        assert requests.get(url + "/model").json()["checkpoint"].endswith("checkpoint_00000254")
+        subprocess.run([serve, "shutdown", "-y", "-a", dashboard], env=env, timeout=120,
+                       capture_output=True)
+        wait_for(lambda: not _ok(url + "/healthz"), 60, "serve shutdown")
+        run = subprocess.Popen(
+            [serve, "run", "--address", gcs, "charrnn.serve:build_app", f"checkpoint={winner}",
+             "max_batch_size=16"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _ok("http://127.0.0.1:8000/healthz"), 180, "serve run")
+            r = requests.post("http://127.0.0.1:8000/generate",
+                              json={"prompt": "alice", "max_chars": 10, "seed": 1})
+            assert r.status_code == 200 and len(r.json()["completions"][0]) == 10
+        finally:
+            run.send_signal(2)
+            run.wait(60)
