@@ -21,13 +21,15 @@ def main():
     ap.add_argument("--config", default="configs/alice.yaml")
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--target", type=float, default=1.40)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_quality.json"))
     args = ap.parse_args()
     storage = tempfile.mkdtemp(prefix="charrnn-bench-")
     t0 = time.monotonic()
     subprocess.run([sys.executable, "jobs/train.py", "--config", args.config, "--corpus",
                     args.corpus, "--storage", storage, "--name", "quality", "--max-minutes",
-                    str(args.minutes)], cwd=ROOT, check=True)
+                    str(args.minutes), *[a for o in args.overrides for a in ("--set", o)]],
+                   cwd=ROOT, check=True)
     wall = time.monotonic() - t0
     history = json.loads((Path(storage) / "quality/metrics.json").read_text())
     best = min(history, key=lambda m: m["val_loss"])

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -45,7 +45,7 @@ class Loaded:
 
 
 def save(directory: str | Path, model: CharRNN, config: Config, vocab: Vocab, meta: dict,
-         optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None) -> Path:
+         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> Path:
     """Write a checkpoint into a local directory (Ray Train or the local keeper uploads it).
 
     `model` must be the bare module (unwrap DDP first: see `dist.unwrap`).
@@ -76,7 +76,7 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable checkpoint file ({e})") from None
 
 
-def load_dir(path: str | Path, uri: Optional[str] = None, device: str = "cpu") -> Loaded:
+def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu") -> Loaded:
     """Load a checkpoint from a local directory."""
     d = Path(path)
     missing = [f for f in FILES if not (d / f).is_file()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-
 import requests
 
 from charrnn.errors import CharrnnError

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -72,7 +72,8 @@ class TrainConfig:
     seed: int = 1337
     """Seeds weights, window offsets, shuffling and dropout."""
     precision: str = "auto"
-    """`auto` (bf16 autocast on GPUs that support it, else fp32), `bf16` or `fp32`."""
+    """`auto` (bf16 autocast where bf16 matmuls are native: recent GPUs, CPUs with AMX; else
+    fp32), `bf16` or `fp32`."""
     threads: int = 0
     """torch intra-op threads per worker; 0 picks the worker's CPU share."""
     log_every_steps: int = 50
@@ -123,7 +124,7 @@ class RunConfig:
 class ScalingConfig:
     workers: int = 0
     """Ray Train workers; 0 trains in this process (local mode)."""
-    gpus_per_worker: Optional[float] = None
+    gpus_per_worker: float | None = None
     """GPUs per worker; unset means 1 when the cluster has GPUs, else 0."""
     cpus_per_worker: float = 0.8
     """CPUs reserved per worker: below 1 on small machines, so Ray Data keeps CPU to run on."""
@@ -147,10 +148,10 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         return from_dict(cls, d)
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> Config:
         """A copy with whole sections swapped (e.g. `model=...` after the vocabulary is known)."""
         return dataclasses.replace(self, **sections)
 
@@ -232,7 +233,7 @@ def apply_override(d: dict, assignment: str) -> None:
     cursor[parts[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
     d: dict = {}
     if path:
@@ -273,6 +274,8 @@ class ServeConfig:
     """Environment variable holding the bearer token required on /generate* (unset: open)."""
     device: str = "auto"
     """`auto` (cuda when the replica has a GPU), `cpu` or `cuda`."""
+    precision: str = "fp32"
+    """Per-character steps in `fp32` (bit-for-bit the offline CLI's texts) or `bf16` (faster)."""
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
@@ -282,6 +285,7 @@ class ServeConfig:
         _check(self.max_chars_limit >= 1 and self.max_prompt_chars >= 1, "serve limits must be >= 1")
         _check(self.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
         _check(self.device in ("auto", "cpu", "cuda"), "serve.device must be auto|cpu|cuda")
+        _check(self.precision in ("fp32", "bf16"), "serve.precision must be fp32|bf16")
 
 
 def serve_config_from_args(args: dict) -> ServeConfig:

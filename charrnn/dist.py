@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -52,10 +52,10 @@ class Backend:
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return values
 
-    def report(self, metrics: dict, checkpoint_dir: Optional[Path], name: str) -> None:
+    def report(self, metrics: dict, checkpoint_dir: Path | None, name: str) -> None:
         raise NotImplementedError
 
-    def resume_dir(self) -> Optional[Path]:
+    def resume_dir(self) -> Path | None:
         """A local directory holding the checkpoint to resume from, or None for a fresh run."""
         raise NotImplementedError
 
@@ -63,7 +63,7 @@ class Backend:
 class LocalBackend(Backend):
     """Single process. Checkpoints: `<run>/<name>/`, indexed in `<run>/checkpoints.json`."""
 
-    def __init__(self, run_uri: str, keep: int, device: Optional[str] = None):
+    def __init__(self, run_uri: str, keep: int, device: str | None = None):
         self.run_uri = run_uri
         self.keep = keep
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,7 +74,7 @@ class LocalBackend(Backend):
     def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
         return local_index_batches(num_windows, batch_size)
 
-    def report(self, metrics: dict, checkpoint_dir: Optional[Path], name: str) -> None:
+    def report(self, metrics: dict, checkpoint_dir: Path | None, name: str) -> None:
         if checkpoint_dir is None:
             return
         storage.upload_dir(checkpoint_dir, storage.join(self.run_uri, name))
@@ -88,7 +88,7 @@ class LocalBackend(Backend):
                 storage.delete_dir(storage.join(self.run_uri, e["name"]))
         self.entries = kept
 
-    def resume_dir(self) -> Optional[Path]:
+    def resume_dir(self) -> Path | None:
         if not self.entries:
             return None
         uri = storage.join(self.run_uri, self.entries[-1]["name"])
@@ -128,14 +128,14 @@ class RayBackend(Backend):
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def report(self, metrics: dict, checkpoint_dir: Optional[Path], name: str) -> None:
+    def report(self, metrics: dict, checkpoint_dir: Path | None, name: str) -> None:
         import ray.train
         ckpt = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
                 if checkpoint_dir is not None and self.is_writer else None)
         # Every rank reports; the upload (rank 0) finishes before this returns (SYNC mode).
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
-    def resume_dir(self) -> Optional[Path]:
+    def resume_dir(self) -> Path | None:
         import ray.train
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:

@@ -8,14 +8,13 @@ target, and `forward` carries the recurrent state so generation feeds one charac
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 # LSTM state is (h, c), each (num_layers, B, H); GRU state is h alone.
-State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -65,8 +64,8 @@ class CharRNN(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        state: Optional[State] = None,
-        lengths: Optional[torch.Tensor] = None,
+        state: State | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State]:
         """x: (B, T) ids -> logits (B, T, V) and the state after the last step.
 

@@ -18,8 +18,9 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import AsyncGenerator, Literal, Optional
+from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from charrnn import checkpoint, storage
-from charrnn.config import ServeConfig, serve_config_from_args
+from charrnn.config import serve_config_from_args
 from charrnn.errors import CharrnnError
 from charrnn.generate import Generator, SampleParams, stream
 
@@ -37,14 +38,14 @@ log = logging.getLogger("ray.serve")
 
 class GenerateRequest(BaseModel):
     """Body of POST /generate and /generate/stream: `prompt` or `prompts`, and how to decode."""
-    prompt: Optional[str] = Field(None, description="one prompt")
-    prompts: Optional[list[str]] = Field(None, description="several prompts, generated together")
+    prompt: str | None = Field(None, description="one prompt")
+    prompts: list[str] | None = Field(None, description="several prompts, generated together")
     max_chars: int = Field(200, ge=0, description="characters to generate per prompt")
     temperature: float = Field(1.0, description="> 0 unless greedy")
-    top_k: Optional[int] = Field(None, ge=1, description="sample among the k likeliest")
+    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     greedy: bool = Field(False, description="argmax decoding")
-    seed: Optional[int] = Field(None, description="prompt i uses seed + i")
+    seed: int | None = Field(None, description="prompt i uses seed + i")
     oov: Literal["error", "drop", "replace"] = Field("error", description="unknown characters")
 
 
@@ -109,7 +110,7 @@ class CharRNNServer:
     # ----- model loading and hot swap -------------------------------------------------------
     def _load(self, uri: str) -> Generator:
         loaded = checkpoint.load(uri, self.device)
-        g = Generator(loaded, self.device)
+        g = Generator(loaded, self.device, self.cfg.precision)
         m = loaded.meta
         g.info = {"run": m.get("run"), "checkpoint": loaded.uri, "step": m.get("step"),
                   "val_loss": (m.get("metrics") or {}).get("val_loss"), "loaded_at": time.time()}
@@ -151,7 +152,7 @@ class CharRNNServer:
         gen = self.current  # the model this batch starts with and finishes on
         self.batch_sizes[len(rows)] += 1
         steps = stream(gen.model, gen.vocab, [r.prompt for r in rows], [r.params for r in rows],
-                       gen.device)
+                       gen.device, gen.dtype)
         while True:
             chars = await asyncio.to_thread(next, steps, None)  # the event loop stays free
             if chars is None:
@@ -160,7 +161,7 @@ class CharRNNServer:
 
     async def _one(self, row: Row) -> tuple[str, dict]:
         out, info = [], self.current.info
-        async for c, info in self._batch(row):
+        async for c, info in self._batch(row):  # noqa: B007 - the last chunk's model is the answer's
             out.append(c)
         return "".join(out), info
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -170,7 +169,7 @@ def delete_dir(uri: str) -> None:
         raise _wrap(uri, e) from None
 
 
-def local_path(uri: str) -> Optional[Path]:
+def local_path(uri: str) -> Path | None:
     """The local path of a non-S3 URI (None for S3)."""
     return None if is_s3(uri) else Path(uri).expanduser().resolve()
 

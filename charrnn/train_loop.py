@@ -14,7 +14,6 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -46,6 +45,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints)
     Trainer(cfg, vocab, ids, backend).fit()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: recent GPUs, or CPUs with AMX tiles (Sapphire Rapids
+    and later), where bf16 autocast trains about twice as fast at the same loss per step."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def lr_factor(step: int, total: int, cfg, time_progress: float = 0.0) -> float:
@@ -88,8 +95,7 @@ class Trainer:
             self._restore(model, resume)
         self.model = backend.wrap(model)
         dev = backend.device
-        use_bf16 = t.precision == "bf16" or (
-            t.precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16(dev))
         self.autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16
                          else nullcontext())
         self._reset_meter()
@@ -242,7 +248,7 @@ class Trainer:
         improved = val_loss < self.best
         self.best = min(self.best, val_loss)
         name = f"checkpoint_{self.step:08d}"
-        tmp: Optional[Path] = None
+        tmp: Path | None = None
         if self.b.is_writer:
             tmp = Path(tempfile.mkdtemp(prefix="charrnn-save-")) / name
             meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,

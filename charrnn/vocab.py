@@ -24,7 +24,7 @@ class Vocab:
         self.dtype = np.uint8 if len(chars) <= 256 else np.uint16 if len(chars) <= 65536 else np.uint32
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls("".join(sorted(char_counts(text))))
 
     def __len__(self) -> int:
@@ -85,7 +85,7 @@ class Vocab:
         return {"chars": self.chars}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Vocab":
+    def from_dict(cls, d: dict) -> Vocab:
         return cls(d["chars"])
 
 

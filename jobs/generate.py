@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "replace them with a space")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="per-character steps in fp32 (default) or bf16 (faster where supported)")
     p.add_argument("--token", default=os.environ.get("CHARRNN_API_TOKEN"),
                    help="bearer token for --serve-url (default: $CHARRNN_API_TOKEN)")
     return p.parse_args(argv)
@@ -51,7 +53,7 @@ def read_prompts(args) -> list[str]:
             with open(args.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
-            raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}")
+            raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}") from None
     return prompts
 
 
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
             prompts.append(random_prompt(text, data.seq_len, args.seed))
         if not prompts:
             raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
-        completions = Generator(loaded, args.device).complete(prompts, params, args.oov)
+        completions = Generator(loaded, args.device, args.precision).complete(
+            prompts, params, args.oov)
         run = loaded.meta.get("run")
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if args.format == "jsonl":

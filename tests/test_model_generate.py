@@ -52,6 +52,23 @@ def test_same_seed_same_text_and_batch_independence(model):
     assert generate(model, VOCAB, ["the "], SampleParams(50, temperature=1.2, seed=43)) != one
 
 
+def test_a_row_does_not_depend_on_the_filters_of_other_rows(model):
+    p = SampleParams(40, temperature=0.9, seed=11)
+    alone = generate(model, VOCAB, ["the "], p)[0]
+    for other in (SampleParams(10, top_k=3, seed=1), SampleParams(10, top_p=0.5, seed=2)):
+        assert generate(model, VOCAB, ["the ", "abc"], [p, other])[0] == alone
+
+
+def test_fused_step_matches_the_module(model):
+    from charrnn.generate import Stepper
+    step = Stepper(model)
+    ids = torch.randint(0, len(VOCAB), (3, 6))
+    _, state = model(ids[:, :5])
+    ref, _ = model(ids[:, 5:6], state)
+    out, _ = step(ids[:, 5], step.state_in(state))
+    torch.testing.assert_close(out, ref[:, 0], atol=1e-5, rtol=1e-4)
+
+
 def test_greedy_and_degenerate_filters_agree(model):
     g = generate(model, VOCAB, ["abc"], SampleParams(30, greedy=True))
     assert generate(model, VOCAB, ["abc"], SampleParams(30, top_k=1, seed=5)) == g

@@ -139,8 +139,8 @@ def test_storage_errors_come_before_training(s3, tmp_path):
 
 def test_corpus_from_s3(s3, corpus_path, tmp_path):
     s3_client(s3).upload_file(str(corpus_path), "charrnn", "data/wonderland.txt")
-    from charrnn.corpus import load_text
     from charrnn.config import DataConfig
+    from charrnn.corpus import load_text
     assert load_text(DataConfig(corpus="s3://charrnn/data/wonderland.txt")).startswith("alice")
 
 

@@ -13,7 +13,6 @@ import pytest
 import requests
 import yaml
 
-from charrnn import checkpoint
 from tests.conftest import ROOT, run_job
 from tests.services import free_port, moto_server, s3_client, wait_for
 
