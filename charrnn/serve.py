@@ -148,15 +148,32 @@ class CharRNNServer:
     # ----- batching ---------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02)
     async def _batch(self, rows: list[Row]) -> AsyncGenerator[list, None]:
-        """One generation batch; yields per step a (char, model info) or StopIteration per row."""
+        """One generation batch; yields per step a (char, model info) or StopIteration per row.
+
+        The steps run back to back in one worker thread (torch releases the GIL), handing each
+        step's characters to the event loop through a queue, so streaming and new requests are
+        served while the batch computes.
+        """
         gen = self.current  # the model this batch starts with and finishes on
         self.batch_sizes[len(rows)] += 1
-        steps = stream(gen.model, gen.vocab, [r.prompt for r in rows], [r.params for r in rows],
-                       gen.device, gen.dtype)
-        while True:
-            chars = await asyncio.to_thread(next, steps, None)  # the event loop stays free
-            if chars is None:
-                return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def work():
+            try:
+                for chars in stream(gen.model, gen.vocab, [r.prompt for r in rows],
+                                    [r.params for r in rows], gen.device, gen.dtype):
+                    loop.call_soon_threadsafe(queue.put_nowait, chars)
+            except BaseException as e:  # surfaced to the callers below
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        loop.run_in_executor(None, work)
+        while (chars := await queue.get()) is not done:
+            if isinstance(chars, BaseException):
+                raise chars
             yield [StopIteration if c is None else (c, gen.info) for c in chars]
 
     async def _one(self, row: Row) -> tuple[str, dict]:
