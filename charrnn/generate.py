@@ -12,6 +12,7 @@ Each row has its own temperature / top-k / top-p / greedy settings and its own r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,63 @@ def _filtered_probs(logits: torch.Tensor, temp, top_k, top_p) -> torch.Tensor:
     return torch.softmax(scaled.masked_fill(mask, float("-inf")), dim=-1)
 
 
+def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
+    """Feed the prompts once (one packed batch, any lengths): -> logits after each prompt's
+    last character (B, V) and the recurrent state (nn.LSTM's format). An empty prompt starts
+    from a newline, the most neutral context."""
+    texts = [p if p else "\n" for p in prompts]
+    lengths = torch.tensor([len(t) for t in texts])
+    x = torch.zeros(len(texts), int(lengths.max()), dtype=torch.long)
+    for b, t in enumerate(texts):
+        x[b, : len(t)] = torch.from_numpy(vocab.encode(t).astype(np.int64))
+    logits, state = model(x.to(device), lengths=lengths)  # (B, Tmax, V)
+    return logits[torch.arange(len(texts)), lengths.to(device) - 1], state
+
+
+class RowControls:
+    """Per-row decoding settings as tensors, plus each row's own random stream."""
+
+    def __init__(self, params: Sequence[SampleParams], device):
+        self.temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                 device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        # One uniform draw per row per step, from the row's own generator (inverse-CDF sampling).
+        self.uniforms = [np.random.default_rng(p.seed).random(p.max_new_chars) for p in params]
+
+    def select(self, keep: list[int]) -> "RowControls":
+        out = RowControls.__new__(RowControls)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.temp.device)
+        out.temp, out.top_k = self.temp[idx], self.top_k[idx]
+        out.top_p, out.greedy = self.top_p[idx], self.greedy[idx]
+        out.uniforms = [self.uniforms[i] for i in keep]
+        return out
+
+    @staticmethod
+    def cat(a: "RowControls", b: "RowControls") -> "RowControls":
+        out = RowControls.__new__(RowControls)
+        out.temp, out.top_k = torch.cat([a.temp, b.temp]), torch.cat([a.top_k, b.top_k])
+        out.top_p, out.greedy = torch.cat([a.top_p, b.top_p]), torch.cat([a.greedy, b.greedy])
+        out.uniforms = a.uniforms + b.uniforms
+        return out
+
+
+def sample_next(last: torch.Tensor, rc: RowControls, steps: Sequence[int]) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V); row b uses draw number steps[b] of its own stream."""
+    if bool(rc.greedy.all()):
+        return last.argmax(-1)
+    if bool((rc.top_k > 0).any() or (rc.top_p < 1).any()):
+        probs = _filtered_probs(last.float(), rc.temp, rc.top_k, rc.top_p)
+    else:  # plain temperature sampling needs no sort
+        probs = torch.softmax(last.float() / rc.temp[:, None], dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)  # (B, V), vocabulary order
+    u = torch.tensor([[rc.uniforms[b][t] if t < len(rc.uniforms[b]) else 0.0]
+                      for b, t in enumerate(steps)], dtype=cdf.dtype, device=cdf.device)
+    sampled = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+    return torch.where(rc.greedy, last.argmax(-1), sampled)
+
+
 def stream(
     model: CharRNN,
     vocab: Vocab,
@@ -118,11 +176,10 @@ def stream(
     params: Sequence[SampleParams],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> Iterator[list[str | None]]:
+) -> Iterator[list[Optional[str]]]:
     """Yield, per step, the new character of every row (None once a row is done).
 
-    Prompts must already be in the vocabulary (see `Vocab.clean`); an empty prompt starts from
-    the zero state with a newline, the most neutral context.
+    Prompts must already be in the vocabulary (see `Vocab.clean`).
     """
     model.eval()
     B = len(prompts)
@@ -130,45 +187,18 @@ def stream(
         return
     assert len(params) == B
     device = torch.device(device)
-    texts = [p if p else "\n" for p in prompts]
-    lengths = torch.tensor([len(t) for t in texts])
-    x = torch.zeros(B, int(lengths.max()), dtype=torch.long)
-    for b, t in enumerate(texts):
-        x[b, : len(t)] = torch.from_numpy(vocab.encode(t).astype(np.int64))
-    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    remaining = np.array([p.max_new_chars for p in params])
-    # One uniform draw per row per step, from the row's own generator (inverse-CDF sampling).
-    steps = int(remaining.max())
-    uniforms = torch.tensor(np.stack(
-        [np.random.default_rng(p.seed).random(steps) for p in params]), dtype=torch.float32,
-        device=device) if steps else None  # (B, steps)
-
-    filtered = bool((top_k > 0).any() or (top_p < 1).any())
-    all_greedy = bool(greedy.all())
+    rc = RowControls(params, device)
+    remaining = [p.max_new_chars for p in params]
+    steps = max(remaining)
     step_fn = Stepper(model, dtype)
     with torch.inference_mode():
-        logits, state = model(x.to(device), lengths=lengths)  # (B, Tmax, V)
-        last = logits[torch.arange(B), lengths.to(device) - 1]  # (B, V): after each prompt's end
+        last, state = prefill(model, vocab, prompts, device)
         state = step_fn.state_in(state)
         for step in range(steps):
-            if all_greedy:
-                nxt = last.argmax(-1)
-            else:
-                if filtered:
-                    probs = _filtered_probs(last.float(), temp, top_k, top_p)
-                else:  # plain temperature sampling needs no sort
-                    probs = torch.softmax(last.float() / temp[:, None], dim=-1)
-                cdf = torch.cumsum(probs, dim=-1)  # (B, V), vocabulary order
-                u = uniforms[:, step:step + 1] * cdf[:, -1:]
-                sampled = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)[:, 0]
-                nxt = torch.where(greedy, last.argmax(-1), sampled)  # (B,)
-            ids = nxt.tolist()
+            ids = sample_next(last, rc, [step] * B).tolist()
             yield [vocab.chars[i] if remaining[b] > step else None for b, i in enumerate(ids)]
             if step + 1 < steps:
-                last, state = step_fn(nxt, state)  # (B, V): one step, state carried
+                last, state = step_fn(torch.tensor(ids, device=device), state)  # one step
 
 
 def generate(

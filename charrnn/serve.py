@@ -31,7 +31,8 @@ from ray import serve
 from charrnn import checkpoint, storage
 from charrnn.config import serve_config_from_args
 from charrnn.errors import CharrnnError
-from charrnn.generate import Generator, SampleParams, stream
+from charrnn.engine import DONE, Engine
+from charrnn.generate import Generator, SampleParams
 
 log = logging.getLogger("ray.serve")
 
@@ -111,6 +112,7 @@ class CharRNNServer:
     def _load(self, uri: str) -> Generator:
         loaded = checkpoint.load(uri, self.device)
         g = Generator(loaded, self.device, self.cfg.precision)
+        g.engine = Engine(g.model, g.vocab, self.device, g.dtype)
         m = loaded.meta
         g.info = {"run": m.get("run"), "checkpoint": loaded.uri, "step": m.get("step"),
                   "val_loss": (m.get("metrics") or {}).get("val_loss"), "loaded_at": time.time()}
@@ -146,32 +148,21 @@ class CharRNNServer:
             raise RuntimeError("no model loaded")
 
     # ----- batching ---------------------------------------------------------------------------
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, max_concurrent_batches=64)
     async def _batch(self, rows: list[Row]) -> AsyncGenerator[list, None]:
-        """One generation batch; yields per step a (char, model info) or StopIteration per row.
+        """One gathered group; yields per step a (char, model info) or StopIteration per row.
 
-        The steps run back to back in one worker thread (torch releases the GIL), handing each
-        step's characters to the event loop through a queue, so streaming and new requests are
-        served while the batch computes.
+        The group joins the model's continuous-batching engine (`engine.py`): its rows step
+        together with every other active row, in the engine's thread, and each step's characters
+        come back to the event loop through a queue.
         """
-        gen = self.current  # the model this batch starts with and finishes on
+        gen = self.current  # the model this group starts with and finishes on
         self.batch_sizes[len(rows)] += 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        def work():
-            try:
-                for chars in stream(gen.model, gen.vocab, [r.prompt for r in rows],
-                                    [r.params for r in rows], gen.device, gen.dtype):
-                    loop.call_soon_threadsafe(queue.put_nowait, chars)
-            except BaseException as e:  # surfaced to the callers below
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        loop.run_in_executor(None, work)
-        while (chars := await queue.get()) is not done:
+        gen.engine.submit([r.prompt for r in rows], [r.params for r in rows],
+                          lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        while (chars := await queue.get()) is not DONE:
             if isinstance(chars, BaseException):
                 raise chars
             yield [StopIteration if c is None else (c, gen.info) for c in chars]
@@ -265,8 +256,9 @@ class CharRNNServer:
 
     @api.get("/stats")
     async def stats(self) -> dict:
-        """Generation batches formed so far, by size."""
-        return {"batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+        """Groups gathered by @serve.batch so far, by size, and the most rows stepped together."""
+        return {"batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "max_rows_stepped": self.current.engine.max_rows}
 
 
 def build_app(args: dict) -> serve.Application:
