@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the replica")
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_load.json"))
     args = ap.parse_args()
     run = Path(tempfile.mkdtemp(prefix="charrnn-serve-")) / "run"
@@ -52,7 +53,7 @@ def main():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(run / "winner.json"), "watch_interval_s": 1,
                          "max_batch_size": 64, "batch_wait_timeout_s": args.batch_wait,
-                         "precision": args.precision}),
+                         "precision": args.precision, "threads": args.threads}),
               name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 120, "serve")
@@ -75,7 +76,7 @@ def main():
     total_chars = args.clients * args.chars
     result = {
         "clients": args.clients, "chars": args.chars, "precision": args.precision,
-        "batch_wait_timeout_s": args.batch_wait,
+        "batch_wait_timeout_s": args.batch_wait, "threads": args.threads,
         "sequential_chars_per_s": round(total_chars / seq_s),
         "concurrent_chars_per_s": round(total_chars / con_s),
         "batching_gain": round(seq_s / con_s, 1),

@@ -276,6 +276,8 @@ class ServeConfig:
     """`auto` (cuda when the replica has a GPU), `cpu` or `cuda`."""
     precision: str = "fp32"
     """Per-character steps in `fp32` (bit-for-bit the offline CLI's texts) or `bf16` (faster)."""
+    threads: int = 0
+    """torch threads per replica; 0 keeps Ray's default (the replica's `num_cpus`)."""
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
@@ -286,6 +288,7 @@ class ServeConfig:
         _check(self.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
         _check(self.device in ("auto", "cpu", "cuda"), "serve.device must be auto|cpu|cuda")
         _check(self.precision in ("fp32", "bf16"), "serve.precision must be fp32|bf16")
+        _check(self.threads >= 0, "serve.threads must be >= 0")
 
 
 def serve_config_from_args(args: dict) -> ServeConfig:

@@ -27,9 +27,20 @@ class DONE:
 
 @dataclass
 class _Group:
-    emit: Callable  # called from the engine thread: a list (char or None per row), DONE, or an error
-    chars: list = field(default_factory=list)
+    emit: Callable  # from the engine thread: a list (text chunk or None per row), DONE, or an error
+    chunk_steps: int
+    buf: list = field(default_factory=list)  # text generated since the last emit, per row
+    finished: list = field(default_factory=list)
     live: int = 0
+    steps: int = 0
+
+    def flush(self, force: bool) -> None:
+        """Hand out the buffered text every `chunk_steps` steps (fewer event-loop wake-ups than
+        one per character), and at once when a row ends; a finished row reads None after."""
+        self.steps += 1
+        if force or self.steps % self.chunk_steps == 0:
+            self.emit([b if b else (None if f else "") for b, f in zip(self.buf, self.finished)])
+            self.buf = [""] * len(self.buf)
 
 
 @dataclass
@@ -64,10 +75,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.max_rows = 0  # the most rows stepped together so far
 
-    def submit(self, prompts: Sequence[str], params: Sequence[SampleParams], emit: Callable) -> None:
-        """Queue a group; `emit` receives each step's characters, then DONE (or an exception)."""
+    def submit(self, prompts: Sequence[str], params: Sequence[SampleParams], emit: Callable,
+               chunk_steps: int = 1) -> None:
+        """Queue a group. `emit` receives lists of text chunks (one per row: up to `chunk_steps`
+        characters, None once the row is finished), then DONE, or an exception."""
         with self._lock:
-            self._pending.append((list(prompts), list(params), emit))
+            self._pending.append((list(prompts), list(params), emit, max(1, chunk_steps)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="engine")
                 self._thread.start()
@@ -84,8 +97,9 @@ class Engine:
                         if not new and not rows:
                             self._thread = None  # idle: the next submit starts a new thread
                             return
-                    for prompts, params, emit in new:  # join at this step
-                        g = _Group(emit, [None] * len(prompts), len(prompts))
+                    for prompts, params, emit, chunk in new:  # join at this step
+                        n = len(prompts)
+                        g = _Group(emit, chunk, [""] * n, [False] * n, n)
                         l2, s2 = prefill(self.model, self.vocab, prompts, self.device)
                         s2, rc2 = self.stepper.state_in(s2), RowControls(params, self.device)
                         if rows:
@@ -97,16 +111,20 @@ class Engine:
                     self.max_rows = max(self.max_rows, len(rows))
                     ids = sample_next(last, rc, [r.done for r in rows]).tolist()
                     groups: dict[int, _Group] = {}
+                    ended: set[int] = set()
                     for r, i in zip(rows, ids):
-                        r.group.chars[r.index] = self.vocab.chars[i] if r.done < r.total else None
+                        if r.done < r.total:
+                            r.group.buf[r.index] += self.vocab.chars[i]
                         r.done += 1
                         groups[id(r.group)] = r.group
-                    for g in groups.values():
-                        g.emit(list(g.chars))
+                        if r.done >= r.total:
+                            ended.add(id(r.group))
+                    for key, g in groups.items():
+                        g.flush(force=key in ended)
                     keep = [k for k, r in enumerate(rows) if r.done < r.total]
                     for r in rows:
                         if r.done >= r.total:
-                            r.group.chars[r.index] = None
+                            r.group.finished[r.index] = True
                             r.group.live -= 1
                             if r.group.live == 0:
                                 r.group.emit(DONE)
@@ -121,5 +139,5 @@ class Engine:
                 waiting, self._pending, self._thread = self._pending, [], None
             for g in {id(r.group): r.group for r in rows}.values():
                 g.emit(e)
-            for _, _, emit in waiting:
+            for _, _, emit, _ in waiting:
                 emit(e)

@@ -35,6 +35,7 @@ from charrnn.engine import DONE, Engine
 from charrnn.generate import Generator, SampleParams
 
 log = logging.getLogger("ray.serve")
+CHUNK_STEPS = 8  # characters per hand-off from the engine: streams stay smooth, the loop idle
 
 
 class GenerateRequest(BaseModel):
@@ -95,6 +96,8 @@ def _public(info: dict) -> dict:
 class CharRNNServer:
     def __init__(self, config: dict):
         self.cfg = serve_config_from_args(config)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         self.token = os.environ.get(self.cfg.api_token_env) or None
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") \
             if self.cfg.device == "auto" else self.cfg.device
@@ -161,11 +164,12 @@ class CharRNNServer:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         gen.engine.submit([r.prompt for r in rows], [r.params for r in rows],
-                          lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+                          lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                          chunk_steps=CHUNK_STEPS)
         while (chars := await queue.get()) is not DONE:
             if isinstance(chars, BaseException):
                 raise chars
-            yield [StopIteration if c is None else (c, gen.info) for c in chars]
+            yield [StopIteration if c is None else (c, gen.info) for c in chars]  # text chunks
 
     async def _one(self, row: Row) -> tuple[str, dict]:
         out, info = [], self.current.info

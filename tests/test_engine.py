@@ -35,7 +35,7 @@ def collect(engine, prompts, params):
                 if c is not None:
                     out[b].append(c)
 
-    engine.submit(prompts, params, emit)
+    engine.submit(prompts, params, emit, chunk_steps=3)
     return out, done, errors
 
 
