@@ -20,6 +20,7 @@ from charrnn.generate import RowControls, SampleParams, Stepper, prefill, sample
 from charrnn.model import CharRNN
 from charrnn.vocab import Vocab
 
+
 class DONE:
     """Sentinel emitted once a group's rows have all finished. A class, not an object(): it
     pickles by reference, so it is the same object in a Serve replica as in this module."""

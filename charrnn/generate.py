@@ -12,8 +12,8 @@ Each row has its own temperature / top-k / top-p / greedy settings and its own r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ class RowControls:
         # One uniform draw per row per step, from the row's own generator (inverse-CDF sampling).
         self.uniforms = [np.random.default_rng(p.seed).random(p.max_new_chars) for p in params]
 
-    def select(self, keep: list[int]) -> "RowControls":
+    def select(self, keep: list[int]) -> RowControls:
         out = RowControls.__new__(RowControls)
         idx = torch.tensor(keep, dtype=torch.long, device=self.temp.device)
         out.temp, out.top_k = self.temp[idx], self.top_k[idx]
@@ -146,7 +146,7 @@ class RowControls:
         return out
 
     @staticmethod
-    def cat(a: "RowControls", b: "RowControls") -> "RowControls":
+    def cat(a: RowControls, b: RowControls) -> RowControls:
         out = RowControls.__new__(RowControls)
         out.temp, out.top_k = torch.cat([a.temp, b.temp]), torch.cat([a.top_k, b.top_k])
         out.top_p, out.greedy = torch.cat([a.top_p, b.top_p]), torch.cat([a.greedy, b.greedy])
@@ -176,7 +176,7 @@ def stream(
     params: Sequence[SampleParams],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> Iterator[list[Optional[str]]]:
+) -> Iterator[list[str | None]]:
     """Yield, per step, the new character of every row (None once a row is done).
 
     Prompts must already be in the vocabulary (see `Vocab.clean`).

@@ -30,8 +30,8 @@ from ray import serve
 
 from charrnn import checkpoint, storage
 from charrnn.config import serve_config_from_args
-from charrnn.errors import CharrnnError
 from charrnn.engine import DONE, Engine
+from charrnn.errors import CharrnnError
 from charrnn.generate import Generator, SampleParams
 
 log = logging.getLogger("ray.serve")
