@@ -207,12 +207,16 @@ def test_ray_job_submit_end_to_end(corpus_path):
         with ray_head(extra_env=s3env) as (env, dashboard, _):
             ray = str(Path(sys.executable).parent / "ray")
             s3_client(s3env).upload_file(str(corpus_path), "jobs", "corpus/wonderland.txt")
-            p = subprocess.run(
-                [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
-                 "python", "jobs/train.py", "--config", "configs/tiny.yaml", "--workers", "2",
-                 "--corpus", "s3://jobs/corpus/wonderland.txt", "--storage", "s3://jobs/runs",
-                 "--name", "submitted"],
-                cwd=ROOT, env={**env, **s3env}, capture_output=True, text=True, timeout=400)
+            argv = [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+                    "python", "jobs/train.py", "--config", "configs/tiny.yaml", "--workers", "2",
+                    "--corpus", "s3://jobs/corpus/wonderland.txt", "--storage", "s3://jobs/runs",
+                    "--name", "submitted"]
+            for _ in range(30):  # the head's job agent registers a few seconds after start
+                p = subprocess.run(argv, cwd=ROOT, env={**env, **s3env}, capture_output=True,
+                                   text=True, timeout=400)
+                if "No available agent" not in p.stdout + p.stderr:
+                    break
+                time.sleep(2)
             assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
             assert "winner: s3://jobs/runs/submitted/winner.json" in p.stdout
         objects = bucket_objects(s3env, "jobs")

@@ -273,8 +273,12 @@ def test_serve_cli_run_and_deploy(tiny_run, tmp_path):
         cfg["applications"][0]["args"]["checkpoint"] = winner
         path = tmp_path / "serve.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+        for _ in range(30):  # the head's agents register a few seconds after `ray start`
+            p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+            if p.returncode == 0 or "agent" not in (p.stdout + p.stderr).lower():
+                break
+            time.sleep(2)
         assert p.returncode == 0, p.stderr
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _ok(url + "/healthz"), 180, "serve deploy")
