@@ -100,9 +100,17 @@ def ray_head(extra_env: dict | None = None, num_cpus: int = 2):
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
+    # Every port free, so this head can run beside another local cluster (say, an in-process
+    # one a test module holds): otherwise its dashboard agent cannot bind the default port and
+    # the head never accepts job submissions ("No available agent").
+    ports = {f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+        "object-manager-port")}
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
              f"--num-cpus={num_cpus}", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"]
+             f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
+             *sorted(ports)]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     url = f"http://127.0.0.1:{dash}"
     try:
