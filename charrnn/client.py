@@ -47,6 +47,3 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
     with ThreadPoolExecutor(min(concurrency, max(1, len(prompts)))) as pool:
         results = list(pool.map(one, zip(prompts, rows)))
     return [c for c, _ in results], (results[0][1] if results else {})
-
-
-

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import time
 
 from charrnn import storage
 
@@ -81,6 +80,3 @@ def write_record(run_uri: str, history: list[dict], plot: bool = True) -> None:
     if plot and history:
         storage.write_bytes(storage.join(run_uri, "loss_curve.png"), plot_png(history))
 
-
-def now() -> float:
-    return time.monotonic()
