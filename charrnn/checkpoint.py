@@ -34,6 +34,11 @@ FILES = ("model.pt", "config.json", "vocab.json", "train_state.pt", "meta.json")
 WINNER = "winner.json"
 
 
+def dir_name(step: int) -> str:
+    """A run's checkpoint directory for optimizer step `step` (what winner.json names)."""
+    return f"checkpoint_{step:08d}"
+
+
 @dataclass
 class Loaded:
     model: CharRNN

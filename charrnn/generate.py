@@ -11,7 +11,7 @@ Each row has its own temperature / top-k / top-p / greedy settings and its own r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,19 +207,16 @@ def generate(
     prompts: Sequence[str],
     params: SampleParams | Sequence[SampleParams],
     device: torch.device | str = "cpu",
-    on_step: Callable[[int], None] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[str]:
     """Completions (without their prompts) for a batch of prompts."""
     if isinstance(params, SampleParams):
         params = [params] * len(prompts)
     out: list[list[str]] = [[] for _ in prompts]
-    for i, chars in enumerate(stream(model, vocab, prompts, params, device, dtype)):
+    for chars in stream(model, vocab, prompts, params, device, dtype):
         for b, c in enumerate(chars):
             if c is not None:
                 out[b].append(c)
-        if on_step:
-            on_step(i)
     return ["".join(o) for o in out]
 
 

@@ -247,7 +247,7 @@ class Trainer:
         self.history.append(metrics)
         improved = val_loss < self.best
         self.best = min(self.best, val_loss)
-        name = f"checkpoint_{self.step:08d}"
+        name = checkpoint.dir_name(self.step)
         tmp: Path | None = None
         if self.b.is_writer:
             tmp = Path(tempfile.mkdtemp(prefix="charrnn-save-")) / name
@@ -270,7 +270,7 @@ class Trainer:
     def _publish_winner(self, final: bool = False) -> None:
         best = min(self.history, key=lambda m: m["val_loss"])
         manifest = checkpoint.winner_manifest(
-            self.b.run_uri, f"checkpoint_{best['step']:08d}", best, self.cfg.run.name,
+            self.b.run_uri, checkpoint.dir_name(best["step"]), best, self.cfg.run.name,
             unwrap(self.model).summary())
         uri = checkpoint.write_winner(self.b.run_uri, manifest)
         if final:
