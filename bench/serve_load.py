@@ -1,6 +1,9 @@
 """Serve targets, against the real HTTP app on loopback:
 - batching gain: 64 concurrent clients x 200 characters get >= 20x the characters/s of the same
   64 requests sent one at a time (p50 / p99 latency reported for both);
+- the floor under that gain on this machine: 64 concurrent requests that cost the model (almost)
+  nothing, GET /healthz and 1-character completions. Their time is HTTP + Serve overhead, so
+  sequential time / floor time bounds the gain that any engine could reach here;
 - reliability: 0 failed requests out of 2,000 at 32 concurrent clients, while the winner
   manifest moves to another checkpoint mid-run (hot swap).
 
@@ -23,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from charrnn.config import ServeConfig  # noqa: E402
+
 
 def pct(xs, q):
     xs = sorted(xs)
@@ -37,7 +42,8 @@ def main():
     ap.add_argument("--total", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s")
+    ap.add_argument("--batch-wait", type=float, default=ServeConfig.batch_wait_timeout_s,
+                    help="batch_wait_timeout_s (default: the ServeConfig default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the replica")
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_load.json"))
     args = ap.parse_args()
@@ -57,7 +63,8 @@ def main():
               name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 120, "serve")
-    session = requests.Session()
+    session = requests.Session()  # keep-alive connections, one per concurrent client
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=args.clients))
 
     def one(i, chars=args.chars):
         t = time.perf_counter()
@@ -73,6 +80,14 @@ def main():
     with ThreadPoolExecutor(args.clients) as pool:
         con = list(pool.map(one, range(args.clients)))
     con_s = time.perf_counter() - t
+    def burst(fn):  # the clients fire at once; wall time of the whole burst
+        t = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(fn, range(args.clients)))
+        return time.perf_counter() - t
+
+    healthz_s = min(burst(lambda i: session.get(url + "/healthz", timeout=60)) for _ in range(3))
+    one_char_s = min(burst(lambda i: one(i, 1)) for _ in range(3))
     total_chars = args.clients * args.chars
     result = {
         "clients": args.clients, "chars": args.chars, "precision": args.precision,
@@ -85,6 +100,9 @@ def main():
         "concurrent_p50_s": round(pct([d for _, d in con], 0.5), 3),
         "concurrent_p99_s": round(pct([d for _, d in con], 0.99), 3),
         "batch_sizes": requests.get(url + "/stats").json()["batch_sizes"],
+        "floor_concurrent_healthz_s": round(healthz_s, 3),
+        "floor_concurrent_1_char_s": round(one_char_s, 3),
+        "gain_bound_from_floor": round(seq_s / one_char_s, 1),
     }
     # Reliability with a hot swap half-way: point winner.json at another kept checkpoint.
     manifest = json.loads((run / "winner.json").read_text())

@@ -260,8 +260,10 @@ class ServeConfig:
     """How often replicas re-read a winner manifest and hot-swap to a new best (0: never)."""
     max_batch_size: int = 64
     """Rows (prompts) stepped together in one generation batch."""
-    batch_wait_timeout_s: float = 0.02
-    """How long a batch waits to fill before it starts."""
+    batch_wait_timeout_s: float = 0.005
+    """How long `@serve.batch` gathers requests into one group. Short: a group joins the running
+    engine batch at its next step anyway (continuous batching), so a longer wait only adds
+    latency; gathering saves one prefill per request."""
     max_chars_limit: int = 2000
     """Largest `max_chars` a request may ask for."""
     max_prompts: int = 64
@@ -275,7 +277,10 @@ class ServeConfig:
     device: str = "auto"
     """`auto` (cuda when the replica has a GPU), `cpu` or `cuda`."""
     precision: str = "fp32"
-    """Per-character steps in `fp32` (bit-for-bit the offline CLI's texts) or `bf16` (faster)."""
+    """Per-character steps in `fp32` (the offline CLI's texts, whatever shares the batch) or
+    `bf16` (faster with many rows on AMX CPUs and GPUs, but a row's text can then depend on the
+    batch it shares: bf16 rounding turns the matmuls' batch-size-dependent order into
+    visible differences)."""
     threads: int = 0
     """torch threads per replica; 0 keeps Ray's default (the replica's `num_cpus`)."""
 

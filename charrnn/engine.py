@@ -28,28 +28,11 @@ class DONE:
 
 @dataclass
 class _Group:
-    emit: Callable  # from the engine thread: a list (text chunk or None per row), DONE, or an error
-    chunk_steps: int
-    buf: list = field(default_factory=list)  # text generated since the last emit, per row
+    emit: Callable  # from the engine thread: a list (text per row), DONE, or an exception
+    chunk_steps: int | None  # None: one emit of the whole texts when the group is done
+    live: int  # rows not finished yet
     finished: list = field(default_factory=list)
-    live: int = 0
-    steps: int = 0
-
-    def flush(self, force: bool) -> None:
-        """Hand out the buffered text every `chunk_steps` steps (fewer event-loop wake-ups than
-        one per character), and at once when a row ends; a finished row reads None after."""
-        self.steps += 1
-        if force or self.steps % self.chunk_steps == 0:
-            self.emit([b if b else (None if f else "") for b, f in zip(self.buf, self.finished)])
-            self.buf = [""] * len(self.buf)
-
-
-@dataclass
-class _Row:
-    group: _Group
-    index: int  # position in its group
-    total: int  # characters to generate
-    done: int = 0
+    texts: list = field(default_factory=list)  # per row, text pieces kept until the end (no chunks)
 
 
 def _cat_state(a, b, fused: bool):
@@ -66,7 +49,13 @@ def _select_state(s, idx: torch.Tensor, fused: bool):
 
 
 class Engine:
-    """Steps every active row of one model in a background thread."""
+    """Steps every active row of one model in a background thread.
+
+    Per step the work is a fixed number of tensor ops whatever the number of rows: the sampled
+    ids go into a buffer, and per-row Python (decoding, handing text to groups) runs only at a
+    hand-off: when rows join or leave, and every `chunk_steps` steps while a streaming group
+    is active. Groups that want whole texts wake their caller once.
+    """
 
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
         self.model, self.vocab, self.device = model, vocab, torch.device(device)
@@ -77,68 +66,128 @@ class Engine:
         self.max_rows = 0  # the most rows stepped together so far
 
     def submit(self, prompts: Sequence[str], params: Sequence[SampleParams], emit: Callable,
-               chunk_steps: int = 1) -> None:
-        """Queue a group. `emit` receives lists of text chunks (one per row: up to `chunk_steps`
-        characters, None once the row is finished), then DONE, or an exception."""
+               chunk_steps: int | None = None) -> None:
+        """Queue a group. `emit` is called from the engine thread. With `chunk_steps` it receives
+        lists of text chunks (one per row: up to `chunk_steps` characters, None once the row is
+        finished); without, one list of whole texts when every row is done. Then DONE; or an
+        exception instead."""
+        chunk = None if chunk_steps is None else max(1, chunk_steps)
         with self._lock:
-            self._pending.append((list(prompts), list(params), emit, max(1, chunk_steps)))
+            self._pending.append((list(prompts), list(params), emit, chunk))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="engine")
                 self._thread.start()
 
     def _run(self) -> None:
-        rows: list[_Row] = []
-        last = state = rc = None
-        fused = self.stepper.fused
+        b, new = _Batch(self), []
         try:
             with torch.inference_mode():
                 while True:
                     with self._lock:
                         new, self._pending = self._pending, []
-                        if not new and not rows:
+                        if not new and not b.rows:
                             self._thread = None  # idle: the next submit starts a new thread
                             return
-                    for prompts, params, emit, chunk in new:  # join at this step
-                        n = len(prompts)
-                        g = _Group(emit, chunk, [""] * n, [False] * n, n)
-                        l2, s2 = prefill(self.model, self.vocab, prompts, self.device)
-                        s2, rc2 = self.stepper.state_in(s2), RowControls(params, self.device)
-                        if rows:
-                            last, state = torch.cat([last, l2]), _cat_state(state, s2, fused)
-                            rc = RowControls.cat(rc, rc2)
-                        else:
-                            last, state, rc = l2, s2, rc2
-                        rows += [_Row(g, i, p.max_new_chars) for i, p in enumerate(params)]
-                    self.max_rows = max(self.max_rows, len(rows))
-                    ids = sample_next(last, rc, [r.done for r in rows]).tolist()
-                    groups: dict[int, _Group] = {}
-                    ended: set[int] = set()
-                    for r, i in zip(rows, ids):
-                        if r.done < r.total:
-                            r.group.buf[r.index] += self.vocab.chars[i]
-                        r.done += 1
-                        groups[id(r.group)] = r.group
-                        if r.done >= r.total:
-                            ended.add(id(r.group))
-                    for key, g in groups.items():
-                        g.flush(force=key in ended)
-                    keep = [k for k, r in enumerate(rows) if r.done < r.total]
-                    for r in rows:
-                        if r.done >= r.total:
-                            r.group.finished[r.index] = True
-                            r.group.live -= 1
-                            if r.group.live == 0:
-                                r.group.emit(DONE)
-                    rows = [rows[k] for k in keep]
-                    if rows:
-                        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-                        nxt = torch.tensor([ids[k] for k in keep], device=self.device)
-                        last, state = self.stepper(nxt, _select_state(state, idx, fused))
-                        rc = rc.select(keep)
+                    if new:  # join at this step
+                        b.handoff()
+                        b.join(new)
+                        self.max_rows = max(self.max_rows, len(b.rows))
+                    b.step()
         except BaseException as e:  # fail every waiting group rather than hang it
             with self._lock:
                 waiting, self._pending, self._thread = self._pending, [], None
-            for g in {id(r.group): r.group for r in rows}.values():
-                g.emit(e)
-            for _, _, emit, _ in waiting:
+            emits = [g.emit for g, _ in b.rows] + [emit for _, _, emit, _ in new + waiting]
+            for emit in {id(f): f for f in emits}.values():
                 emit(e)
+
+
+class _Batch:
+    """The running batch: per row its group and position, and as tensors (B, ...) the logits
+    to sample from, the recurrent state, the decoding controls, characters done and wanted."""
+
+    def __init__(self, engine: Engine):
+        self.e, self.fused = engine, engine.stepper.fused
+        self.rows: list[tuple[_Group, int]] = []
+        self.last = self.state = self.rc = self.done = self.total = None
+        self.buffer: list[torch.Tensor] = []  # ids (B,) per step since the last hand-off
+        self.chunk: int | None = None  # steps between hand-offs (None: only at joins/leaves)
+
+    def join(self, groups: list) -> None:
+        """Add groups (prompts, params, emit, chunk_steps) to the batch; their prompts are
+        prefilled together, in one packed batch."""
+        e = self.e
+        rows, prompts, params = [], [], []
+        for ps, pars, emit, chunk in groups:
+            g = _Group(emit, chunk, len(ps), [False] * len(ps), [[] for _ in ps])
+            rows += [(g, i) for i in range(len(ps))]
+            prompts += ps
+            params += pars
+        n = len(rows)
+        last, state = prefill(e.model, e.vocab, prompts, e.device)
+        state, rc = e.stepper.state_in(state), RowControls(params, e.device)
+        done = torch.zeros(n, dtype=torch.long, device=e.device)
+        total = torch.tensor([p.max_new_chars for p in params], device=e.device)
+        if self.rows:
+            self.last, self.state = torch.cat([self.last, last]), _cat_state(self.state, state, self.fused)
+            self.rc = RowControls.cat(self.rc, rc)
+            self.done, self.total = torch.cat([self.done, done]), torch.cat([self.total, total])
+        else:
+            self.last, self.state, self.rc, self.done, self.total = last, state, rc, done, total
+        self.rows += rows
+        self._set_chunk()
+
+    def _set_chunk(self) -> None:
+        self.chunk = min((g.chunk_steps for g, _ in self.rows if g.chunk_steps), default=None)
+
+    def step(self) -> None:
+        ids = sample_next(self.last, self.rc, self.done)  # (B,)
+        self.buffer.append(ids)
+        self.done += 1
+        ended = self.done >= self.total  # (B,) bool
+        if bool(ended.any()):  # one sync per step; rows leave right after their last text
+            self.handoff()
+            ids = ids[self.leave(ended)]
+        elif self.chunk and len(self.buffer) >= self.chunk:
+            self.handoff()
+        if self.rows:
+            self.last, self.state = self.e.stepper(ids, self.state)
+
+    def handoff(self) -> None:
+        """Decode the buffered ids; streaming groups get their rows' new text now, the others
+        keep it until they are done."""
+        if not self.buffer:
+            return
+        k = len(self.buffer)
+        ids = torch.stack(self.buffer, 1).cpu().numpy()  # (B, k)
+        # Row b generated its steps done-k .. done-1; only those before `total` are text.
+        valid = (self.total - (self.done - k)).clamp(0, k).tolist()
+        self.buffer = []
+        chunks: dict[int, tuple[_Group, list]] = {}
+        for (g, i), row, n in zip(self.rows, ids, valid):
+            text = self.e.vocab.decode(row[:n])
+            if g.chunk_steps is None:
+                g.texts[i].append(text)
+                continue
+            out = chunks.setdefault(id(g), (g, [None if f else "" for f in g.finished]))[1]
+            out[i] = text
+        for g, out in chunks.values():
+            g.emit(out)
+
+    def leave(self, ended: torch.Tensor) -> torch.Tensor:
+        """Drop finished rows (after their last text was handed off); a group whose rows are all
+        finished gets DONE. Returns the indices of the rows kept."""
+        for (g, i), end in zip(self.rows, ended.tolist()):
+            if end:
+                g.finished[i] = True
+                g.live -= 1
+                if g.live == 0:
+                    if g.chunk_steps is None:
+                        g.emit(["".join(t) for t in g.texts])
+                    g.emit(DONE)
+        keep = (~ended).nonzero()[:, 0]
+        self.rows = [self.rows[k] for k in keep.tolist()]
+        if self.rows:  # (self.last is replaced by the next step)
+            self.state = _select_state(self.state, keep, self.fused)
+            self.rc, self.done, self.total = self.rc.select(keep), self.done[keep], self.total[keep]
+            self._set_chunk()
+        return keep

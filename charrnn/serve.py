@@ -105,8 +105,9 @@ class CharRNNServer:
         self._lock = threading.Lock()
         self.current = self._load(self.cfg.checkpoint)
         self.source = self.cfg.checkpoint
-        self._batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        for gather in (self._batch, self._batch_stream):
+            gather.set_max_batch_size(self.cfg.max_batch_size)
+            gather.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self._stop = threading.Event()
         if self.cfg.watch_interval_s:
             threading.Thread(target=self._watch, daemon=True, name="winner-watch").start()
@@ -151,31 +152,40 @@ class CharRNNServer:
             raise RuntimeError("no model loaded")
 
     # ----- batching ---------------------------------------------------------------------------
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, max_concurrent_batches=64)
-    async def _batch(self, rows: list[Row]) -> AsyncGenerator[list, None]:
-        """One gathered group; yields per step a (char, model info) or StopIteration per row.
+    # Two gatherers, one per response kind; groups from both join the same engine batch.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
+    async def _batch(self, rows: list[Row]) -> list[tuple[str, dict]]:
+        """One gathered group of whole-text requests -> (completion, model info) per row.
 
         The group joins the model's continuous-batching engine (`engine.py`): its rows step
-        together with every other active row, in the engine's thread, and each step's characters
-        come back to the event loop through a queue.
+        together with every other active row, in the engine's thread, which wakes this event
+        loop once, with the texts, when the group is done.
         """
         gen = self.current  # the model this group starts with and finishes on
+        queue = self._submit(gen, rows, chunk_steps=None)
+        texts = await queue.get()
+        if isinstance(texts, BaseException):
+            raise texts
+        return [(t, gen.info) for t in texts]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
+    async def _batch_stream(self, rows: list[Row]) -> AsyncGenerator[list, None]:
+        """One gathered group of streaming requests; yields text chunks (or StopIteration once a
+        row is done), every CHUNK_STEPS characters."""
+        queue = self._submit(self.current, rows, chunk_steps=CHUNK_STEPS)
+        while (chars := await queue.get()) is not DONE:
+            if isinstance(chars, BaseException):
+                raise chars
+            yield [StopIteration if c is None else c for c in chars]
+
+    def _submit(self, gen: Generator, rows: list[Row], chunk_steps: int | None) -> asyncio.Queue:
         self.batch_sizes[len(rows)] += 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         gen.engine.submit([r.prompt for r in rows], [r.params for r in rows],
                           lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                          chunk_steps=CHUNK_STEPS)
-        while (chars := await queue.get()) is not DONE:
-            if isinstance(chars, BaseException):
-                raise chars
-            yield [StopIteration if c is None else (c, gen.info) for c in chars]  # text chunks
-
-    async def _one(self, row: Row) -> tuple[str, dict]:
-        out, info = [], self.current.info
-        async for c, info in self._batch(row):  # noqa: B007 - the last chunk's model is the answer's
-            out.append(c)
-        return "".join(out), info
+                          chunk_steps=chunk_steps)
+        return queue
 
     # ----- request handling -------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -228,7 +238,7 @@ class CharRNNServer:
     async def generate(self, request: Request) -> JSONResponse:
         """Complete one prompt or a list of prompts; returns completions and the serving model."""
         rows, _ = await self._parse(request)
-        results = await asyncio.gather(*(self._one(r) for r in rows))
+        results = await asyncio.gather(*(self._batch(r) for r in rows))
         return JSONResponse({"completions": [text for text, _ in results],
                              "model": _public(results[0][1])})
 
@@ -242,7 +252,7 @@ class CharRNNServer:
         info = self.current.info
 
         async def chars():
-            async for c, _ in self._batch(rows[0]):
+            async for c in self._batch_stream(rows[0]):
                 yield c
 
         return StreamingResponse(chars(), media_type="text/plain; charset=utf-8",

@@ -85,7 +85,10 @@ class Vocab:
         return table[buf]
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        """ids (a sequence, numpy array or 1-D tensor) -> text."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return "".join(map(self.chars.__getitem__, ids))
 
     def to_dict(self) -> dict:
         return {"chars": self.chars}

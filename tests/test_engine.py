@@ -52,3 +52,33 @@ def test_groups_joining_mid_run_match_offline_generation(model):
         assert done.wait(30) and not errors
         assert ["".join(o) for o in out] == generate(model, VOCAB, prompts, params)
     assert engine.max_rows >= 2
+
+
+def test_whole_text_groups_get_one_emit_and_match_streaming(model):
+    """Without chunk_steps a group is woken once, with whole texts; several groups queued
+    together are prefilled in one batch; rows end at their own lengths."""
+    engine = Engine(model, VOCAB)
+    groups = [(["the ", "a", ""], [SampleParams(25, seed=1), SampleParams(0), SampleParams(7, seed=2)]),
+              (["hello"], [SampleParams(40, temperature=0.6, top_p=0.9, seed=5)]),
+              (["zz", "q"], [SampleParams(12, greedy=True), SampleParams(33, top_k=2, seed=8)])]
+    events = [[] for _ in groups]
+    done = [threading.Event() for _ in groups]
+    with engine._lock:  # queue all three before the engine thread looks: one join
+        for k, (prompts, params) in enumerate(groups):
+            engine._pending.append((prompts, params, lambda x, k=k: (events[k].append(x),
+                                    done[k].set() if x is DONE else None), None))
+        engine._thread = threading.Thread(target=engine._run, daemon=True)
+        engine._thread.start()
+    for k, (prompts, params) in enumerate(groups):
+        assert done[k].wait(30)
+        texts, end = events[k]
+        assert end is DONE and texts == generate(model, VOCAB, prompts, params)
+        assert [len(t) for t in texts] == [p.max_new_chars for p in params]
+    assert engine.max_rows == 6
+
+
+def test_an_error_reaches_every_waiting_group(model):
+    engine = Engine(model, VOCAB)
+    bad = SampleParams(5, seed=1)
+    out, done, errors = collect(engine, ["\x00not in vocab"], [bad])
+    assert done.wait(30) and errors
