@@ -1,6 +1,8 @@
 """Serve targets, against the real HTTP app on loopback:
 - batching gain: 64 concurrent clients x 200 characters get >= 20x the characters/s of the same
   64 requests sent one at a time (p50 / p99 latency reported for both);
+- the engine alone, without HTTP (same threads as the replica): one 200-character row after
+  another against one 64-row group, the gain the stepping loop itself allows;
 - the floor under that gain on this machine: 64 concurrent requests that cost the model (almost)
   nothing, GET /healthz and 1-character completions. Their time is HTTP + Serve overhead, so
   sequential time / floor time bounds the gain that any engine could reach here;
@@ -34,6 +36,41 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def engine_gain(uri, args) -> dict:
+    """The continuous-batching engine on its own, in this process: 64 single-row requests one
+    after another vs one group of 64 rows (each row `args.chars` characters)."""
+    import threading
+
+    import torch
+
+    from charrnn import checkpoint
+    from charrnn.engine import DONE, Engine
+    from charrnn.generate import Generator, SampleParams
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)  # a replica with num_cpus=1 runs one thread
+    gen = Generator(checkpoint.load(str(uri)), precision=args.precision)
+    engine = Engine(gen.model, gen.vocab, dtype=gen.dtype)
+
+    def run(rows):
+        done = threading.Event()
+        engine.submit(["alice "] * rows, [SampleParams(args.chars, temperature=0.8, seed=i)
+                                          for i in range(rows)],
+                      lambda x: done.set() if x is DONE else None)
+        done.wait()
+
+    run(2)  # warm-up
+    t = time.perf_counter()
+    for _ in range(args.clients):
+        run(1)
+    seq = time.perf_counter() - t
+    t = time.perf_counter()
+    run(args.clients)
+    batched = time.perf_counter() - t
+    torch.set_num_threads(threads)
+    return {"engine_alone_sequential_s": round(seq, 3), "engine_alone_batched_s": round(batched, 3),
+            "engine_alone_gain": round(seq / batched, 1)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", required=True, help="a run directory with >= 2 checkpoints")
@@ -49,6 +86,7 @@ def main():
     args = ap.parse_args()
     run = Path(tempfile.mkdtemp(prefix="charrnn-serve-")) / "run"
     shutil.copytree(args.run, run)
+    engine_alone = engine_gain(run / "winner.json", args)
     import ray
     from ray import serve
 
@@ -103,6 +141,7 @@ def main():
         "floor_concurrent_healthz_s": round(healthz_s, 3),
         "floor_concurrent_1_char_s": round(one_char_s, 3),
         "gain_bound_from_floor": round(seq_s / one_char_s, 1),
+        **engine_alone,
     }
     # Reliability with a hot swap half-way: point winner.json at another kept checkpoint.
     manifest = json.loads((run / "winner.json").read_text())
