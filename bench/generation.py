@@ -19,9 +19,25 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn.generate import SampleParams, generate, generate_window_rerun  # noqa: E402
+from charrnn.generate import SampleParams, generate  # noqa: E402
 from charrnn.model import CharRNN, ModelConfig  # noqa: E402
 from charrnn.vocab import Vocab  # noqa: E402
+
+
+def generate_window_rerun(model: CharRNN, vocab: Vocab, prompt: str, n: int, window: int = 100,
+                          device: torch.device | str = "cpu") -> str:
+    """The tutorial's method, for benchmarks: argmax, re-running the whole window per character."""
+    model.eval()
+    ids = list(vocab.encode(prompt)[-window:])
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = torch.tensor([ids[-window:]], dtype=torch.long, device=device)
+            logits, _ = model(x)
+            i = int(logits[0, -1].argmax())
+            ids.append(i)
+            out.append(vocab.chars[i])
+    return "".join(out)
 
 
 def main():

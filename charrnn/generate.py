@@ -241,21 +241,6 @@ def sample_ids(
                 t += 1
 
 
-def stream(
-    model: CharRNN,
-    vocab: Vocab,
-    prompts: Sequence[str],
-    params: Sequence[SampleParams],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Iterator[list[str | None]]:
-    """Yield, per step, the new character of every row (None once a row is done)."""
-    remaining = [p.max_new_chars for p in params]
-    for step, ids in enumerate(sample_ids(model, vocab, prompts, params, device, dtype)):
-        yield [vocab.chars[i] if remaining[b] > step else None
-               for b, i in enumerate(ids.tolist())]
-
-
 def generate(
     model: CharRNN,
     vocab: Vocab,
@@ -272,22 +257,6 @@ def generate(
         return [""] * len(prompts)
     ids = torch.stack(steps, 1).cpu().numpy()  # (B, S): one transfer, decoded at the end
     return [vocab.decode(row[: p.max_new_chars]) for row, p in zip(ids, params)]
-
-
-def generate_window_rerun(model: CharRNN, vocab: Vocab, prompt: str, n: int, window: int = 100,
-                          device: torch.device | str = "cpu") -> str:
-    """The tutorial's method, for benchmarks: argmax, re-running the whole window per character."""
-    model.eval()
-    ids = list(vocab.encode(prompt)[-window:])
-    out = []
-    with torch.inference_mode():
-        for _ in range(n):
-            x = torch.tensor([ids[-window:]], dtype=torch.long, device=device)
-            logits, _ = model(x)
-            i = int(logits[0, -1].argmax())
-            ids.append(i)
-            out.append(vocab.chars[i])
-    return "".join(out)
 
 
 class Generator:

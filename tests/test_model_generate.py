@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from charrnn.generate import SampleParams, generate, stream
+from charrnn.generate import SampleParams, generate, sample_ids
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.vocab import Vocab
 
@@ -91,8 +91,8 @@ def test_greedy_and_degenerate_filters_agree(model):
 
 
 def test_top_k_restricts_the_support(model):
-    steps = list(stream(model, VOCAB, ["a"] * 64, [SampleParams(1, top_k=3, seed=i)
-                                                   for i in range(64)]))
+    steps = [[VOCAB.chars[i] for i in ids.tolist()] for ids in sample_ids(
+        model, VOCAB, ["a"] * 64, [SampleParams(1, top_k=3, seed=i) for i in range(64)])]
     logits, _ = model(torch.from_numpy(VOCAB.encode("a").astype(np.int64))[None])
     top3 = {VOCAB.chars[i] for i in logits[0, -1].topk(3).indices.tolist()}
     assert set(steps[0]) <= top3
