@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,9 +30,11 @@ class DONE:
 class _Group:
     emit: Callable  # from the engine thread: a list (text per row), DONE, or an exception
     chunk_steps: int | None  # None: one emit of the whole texts when the group is done
-    live: int  # rows not finished yet
-    finished: list = field(default_factory=list)
-    texts: list = field(default_factory=list)  # per row, text pieces kept until the end (no chunks)
+    size: int  # rows
+
+    def __post_init__(self):
+        self.finished = [False] * self.size
+        self.texts: list[list[str]] = [[] for _ in range(self.size)]  # pieces kept (no chunks)
 
 
 def _cat_state(a, b, fused: bool):
@@ -118,7 +120,7 @@ class _Batch:
         e = self.e
         rows, prompts, params = [], [], []
         for ps, pars, emit, chunk in groups:
-            g = _Group(emit, chunk, len(ps), [False] * len(ps), [[] for _ in ps])
+            g = _Group(emit, chunk, len(ps))
             rows += [(g, i) for i in range(len(ps))]
             prompts += ps
             params += pars
@@ -179,8 +181,7 @@ class _Batch:
         for (g, i), end in zip(self.rows, ended.tolist()):
             if end:
                 g.finished[i] = True
-                g.live -= 1
-                if g.live == 0:
+                if all(g.finished):
                     if g.chunk_steps is None:
                         g.emit(["".join(t) for t in g.texts])
                     g.emit(DONE)

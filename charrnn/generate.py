@@ -101,7 +101,7 @@ class Stepper:
             out, state = self.model(ids[:, None], state)
             return out[:, 0], state
         H, hs, cs = self.H, *state
-        x = None
+        x = None  # the layer's input; layer 0 reads its own from the table
         new_h, new_c = [], []
         for layer, (w, b, h, c) in enumerate(zip(self.w, self.b, hs, cs)):
             if layer == 0:
