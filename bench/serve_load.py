@@ -110,22 +110,19 @@ def main():
                                                   "seed": i, "temperature": 0.8}, timeout=120)
         return r.status_code, time.perf_counter() - t
 
+    def burst(fn):  # the clients fire at once -> (wall time of the whole burst, results)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            out = list(pool.map(fn, range(args.clients)))
+        return time.perf_counter() - t, out
+
     one(0, 10)
     t = time.perf_counter()
     seq = [one(i) for i in range(args.clients)]
     seq_s = time.perf_counter() - t
-    t = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        con = list(pool.map(one, range(args.clients)))
-    con_s = time.perf_counter() - t
-    def burst(fn):  # the clients fire at once; wall time of the whole burst
-        t = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(fn, range(args.clients)))
-        return time.perf_counter() - t
-
-    healthz_s = min(burst(lambda i: session.get(url + "/healthz", timeout=60)) for _ in range(3))
-    one_char_s = min(burst(lambda i: one(i, 1)) for _ in range(3))
+    con_s, con = burst(one)
+    healthz_s = min(burst(lambda i: session.get(url + "/healthz", timeout=60))[0] for _ in range(3))
+    one_char_s = min(burst(lambda i: one(i, 1))[0] for _ in range(3))
     total_chars = args.clients * args.chars
     result = {
         "clients": args.clients, "chars": args.chars, "precision": args.precision,
