@@ -29,12 +29,14 @@ from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from charrnn import checkpoint, storage
+from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
 from charrnn.generate import Generator, SampleParams
 
 log = logging.getLogger("ray.serve")
+bind_serve_grpc_to_node_ip()  # in the replica, before its gRPC server starts (binding.py)
 CHUNK_STEPS = 8  # characters per hand-off from the engine: streams stay smooth, the loop idle
 
 

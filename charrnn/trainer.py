@@ -88,6 +88,8 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from charrnn.binding import NodeBoundTorchConfig
+
     if not ray.is_initialized():
         ray.init(log_to_driver=True)  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
     sc = cfg.scaling
@@ -103,6 +105,7 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config, "ids": ray.put(ids), "mode": "ray"},
+        torch_config=NodeBoundTorchConfig(),  # rank 0's rendezvous store on its node address
         scaling_config=ScalingConfig(
             num_workers=sc.workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": gpus} if gpus else {})}),

@@ -4,6 +4,7 @@
   to it through boto3 / pyarrow exactly as to MinIO.
 - `ray_head`: `ray start --head` on loopback with token authentication (a fresh random token,
   passed through RAY_AUTH_TOKEN so ~/.ray is untouched).
+- `watch_listeners`: every listening socket of Ray's processes that is not on loopback.
 """
 
 from __future__ import annotations
@@ -16,10 +17,51 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+def ray_listeners_off_loopback() -> set[str]:
+    """Listening TCP sockets of Ray's processes (raylet, GCS, workers, replicas, this driver)
+    bound to anything but loopback, wildcards included: "ADDRESS:PORT command"."""
+    import psutil
+    found = set()
+    for c in psutil.net_connections("tcp"):
+        if c.status != psutil.CONN_LISTEN or c.pid is None or c.laddr.ip.startswith(LOOPBACK):
+            continue
+        try:
+            cmd = " ".join(psutil.Process(c.pid).cmdline())
+        except psutil.Error:
+            continue
+        if "ray" in cmd:
+            found.add(f"{c.laddr.ip}:{c.laddr.port} {cmd[:60]}")
+    return found
+
+
+@contextlib.contextmanager
+def watch_listeners(interval: float = 0.5):
+    """Yields a set that collects `ray_listeners_off_loopback()` while the block runs."""
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.update(ray_listeners_off_loopback())
+            stop.wait(interval)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from charrnn.config import load_config
 from charrnn.errors import StorageError
 from charrnn.trainer import fit, window_index_array
 from tests.conftest import ROOT, run_job
-from tests.services import bucket_objects, moto_server, ray_head, s3_client, wait_for
+from tests.services import bucket_objects, moto_server, ray_head, s3_client, wait_for, watch_listeners
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -75,9 +75,11 @@ def test_shards_are_disjoint_and_cover_the_epoch(ray_local, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from charrnn.binding import NodeBoundTorchConfig
     from charrnn.trainer import window_dataset
     K = 101
     TorchTrainer(_shard_probe, train_loop_config={"out": str(tmp_path)},
+                 torch_config=NodeBoundTorchConfig(),
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(name="shards", storage_path=str(tmp_path / "store")),
                  datasets={"train": window_dataset(K, 2)}).fit()
@@ -91,8 +93,11 @@ def test_shards_are_disjoint_and_cover_the_epoch(ray_local, tmp_path):
 
 
 def test_two_workers_to_s3_then_generate(ray_local, s3, corpus_path, tmp_path, capfd):
-    winner = fit(_cfg(corpus_path, "s3://charrnn/runs", "ddp", "scaling.workers=2",
-                      "run.checkpoint_every_steps=40"))
+    with watch_listeners() as off_loopback:
+        winner = fit(_cfg(corpus_path, "s3://charrnn/runs", "ddp", "scaling.workers=2",
+                          "run.checkpoint_every_steps=40"))
+    # Everything listened on loopback, rank 0's rendezvous store included (binding.py).
+    assert not off_loopback, off_loopback
     assert winner == "s3://charrnn/runs/ddp/winner.json"
     objects = bucket_objects(s3, "charrnn")
     manifest = json.loads(objects["runs/ddp/winner.json"])

@@ -14,7 +14,7 @@ import requests
 import yaml
 
 from tests.conftest import ROOT, run_job
-from tests.services import free_port, moto_server, s3_client, wait_for
+from tests.services import free_port, moto_server, ray_listeners_off_loopback, s3_client, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -79,6 +79,13 @@ def test_generate_and_model_info(app, run_dir):
     assert m["val_loss"] == pytest.approx(winner["val_loss"])
     assert requests.get(app + "/docs").status_code == 200
     assert "/generate" in requests.get(app + "/openapi.json").json()["paths"]
+
+
+def test_everything_listens_on_loopback(app):
+    """The proxy, the replicas (their inter-deployment gRPC server included: binding.py) and
+    Ray itself listen on 127.0.0.1 only."""
+    assert post(app, prompt="alice", max_chars=5).status_code == 200
+    assert not ray_listeners_off_loopback()
 
 
 def test_same_seed_same_text_offline_and_online(app, run_dir):
