@@ -10,12 +10,21 @@ import csv
 import io
 import json
 import math
+import sys
 
 from charrnn import storage
 
 LN2 = math.log(2)
 COLUMNS = ("epoch", "step", "train_loss", "val_loss", "train_bpc", "val_bpc", "lr",
            "chars_per_s", "elapsed_s")
+
+
+def say(line: str) -> None:
+    """One log line for the person watching, flushed. Written to stdout rather than printed:
+    in a Ray Train 2.60 worker `print` is patched to go both to the root logger's console
+    handler and to Ray's wrapped stdout, so every printed line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def bpc(nats: float) -> float:
@@ -34,8 +43,8 @@ def epoch_line(m: dict, epochs: int, eta_s: float, sample: str) -> str:
     return (f"epoch {m['epoch']:.2f}/{epochs} step {m['step']} | "
             f"train {m['train_loss']:.4f} nats/char ({m['train_bpc']:.3f} bpc) | "
             f"val {m['val_loss']:.4f} nats/char ({m['val_bpc']:.3f} bpc) | "
-            f"{m['chars_per_s']:,.0f} chars/s | eta {fmt_duration(eta_s)} | "
-            f"sample: {sample!r}")
+            f"{m['chars_per_s']:,.0f} chars/s | eta {fmt_duration(eta_s)}"
+            + (f" | sample: {sample!r}" if sample else ""))
 
 
 def progress_line(epoch: int, epochs: int, step: int, steps: int, loss: float,

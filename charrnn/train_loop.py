@@ -120,8 +120,8 @@ class Trainer:
         self.epoch, self.epoch_step, self.step = m["next_epoch"], m["epoch_step"], m["step"]
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
-            print(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
-                  f"(epoch {self.epoch + 1}, best val {self.best:.4f})", flush=True)
+            runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
+                  f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
 
     def _eta(self) -> float:
         """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""
@@ -146,9 +146,9 @@ class Trainer:
         self.t0, self.start_step = time.monotonic(), self.step
         if self.b.is_writer:
             m = unwrap(self.model)
-            print(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
+            runlog.say(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
                   f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
-                  f"{t.epochs} epochs, device {self.b.device}", flush=True)
+                  f"{t.epochs} epochs, device {self.b.device}")
         try:
             while self.epoch < t.epochs:
                 out_of_time = self._run_epoch()
@@ -157,7 +157,7 @@ class Trainer:
                 self._evaluate("time limit" if out_of_time else "epoch")
                 if out_of_time:
                     if self.b.is_writer:
-                        print("stopping: train.max_minutes reached", flush=True)
+                        runlog.say("stopping: train.max_minutes reached")
                     break
         except KeyboardInterrupt:
             if isinstance(self.b, LocalBackend):
@@ -208,9 +208,9 @@ class Trainer:
     def _progress(self) -> None:
         dt = time.monotonic() - self.meter_t0
         cps = self.meter_chars * self.b.world / max(dt, 1e-9)
-        print(runlog.progress_line(self.epoch, self.cfg.train.epochs, self.epoch_step,
+        runlog.say(runlog.progress_line(self.epoch, self.cfg.train.epochs, self.epoch_step,
                                    self.steps_per_epoch, self.loss_sum / max(self.loss_count, 1),
-                                   cps, self._eta()), flush=True)
+                                   cps, self._eta()))
 
     @torch.no_grad()
     def _val_sums(self) -> tuple[float, float]:
@@ -264,7 +264,7 @@ class Trainer:
             runlog.write_record(self.b.run_uri, self.history, plot=reason != "epoch" or
                                 self.epoch >= self.cfg.train.epochs)
             eta = self._eta()
-            print(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()), flush=True)
+            runlog.say(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()))
         self._reset_meter()
 
     def _publish_winner(self, final: bool = False) -> None:
@@ -274,8 +274,8 @@ class Trainer:
             unwrap(self.model).summary())
         uri = checkpoint.write_winner(self.b.run_uri, manifest)
         if final:
-            print(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) at step "
-                  f"{best['step']}; winner manifest {uri}", flush=True)
+            runlog.say(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) at step "
+                  f"{best['step']}; winner manifest {uri}")
 
     def _sample(self) -> str:
         n = self.cfg.train.sample_chars

@@ -109,6 +109,8 @@ def test_two_workers_to_s3_then_generate(ray_local, s3, corpus_path, tmp_path, c
     assert loaded.meta["step"] == manifest["step"] and loaded.config.scaling.workers == 2
     # Credentials never reach storage, the config shipped to workers, or the logs.
     out, err = capfd.readouterr()
+    # A worker's log line reaches the driver once (runlog.say, not print: see there).
+    assert (out + err).count("parameters on 2 worker(s)") == 1, out + err
     for blob in [*objects.values(), out.encode(), err.encode(),
                  json.dumps(loaded.config.to_dict()).encode()]:
         assert s3["AWS_ACCESS_KEY_ID"].encode() not in blob
