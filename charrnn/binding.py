@@ -19,6 +19,7 @@ Serve app (`test_serve.py`).
 
 from __future__ import annotations
 
+import os
 import socket
 
 import ray
@@ -52,7 +53,6 @@ def _host_store_on_node_address() -> tuple[str, int]:
 
 
 def _set_master(addr: str, port: int) -> None:
-    import os
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
 
 
