@@ -10,6 +10,7 @@ workers (`get_dataset_shard`), each mapping its indices through the epoch's perm
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -58,6 +59,25 @@ def fit(cfg: Config) -> str:
     return winner
 
 
+def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: bool) -> None:
+    """Compare what the worker group needs with what the Ray cluster has now. Ray Train would
+    wait for missing resources forever (an autoscaler may add nodes), retrying its worker group
+    start every minute: on a cluster that cannot grow (`fixed`) that is an error, said now."""
+    need = {"CPU": workers * cpus, "GPU": workers * gpus}
+    short = [k for k, v in need.items() if v > have.get(k, 0.0) + 1e-9]
+    if not short:
+        return
+    per_worker = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    msg = (f"{workers} workers x {per_worker} need "
+           + " and ".join(f"{need[k]:g} {k}" for k in short) + "; the Ray cluster has "
+           + " and ".join(f"{have.get(k, 0.0):g} {k}" for k in short))
+    if fixed:
+        raise CharrnnError(f"{msg}: lower --workers, scaling.cpus_per_worker or "
+                           "scaling.gpus_per_worker")
+    print(f"waiting for resources: {msg} now; Ray Train retries until nodes join "
+          "(an autoscaler, `ray start --address`)", flush=True)
+
+
 def window_index_array(num_windows: int, workers: int) -> np.ndarray:
     """0..K-1, padded (wrapping around) to a multiple of `workers`.
 
@@ -90,12 +110,15 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
 
     from charrnn.binding import NodeBoundTorchConfig
 
+    # A cluster this process starts is this machine alone: nothing will join it later.
+    local_cluster = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
     sc = cfg.scaling
     gpus = sc.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    check_resources(sc.workers, sc.cpus_per_worker, gpus, ray.cluster_resources(), local_cluster)
     train_split, _ = split_corpus(ids, cfg.data)
     dataset = window_dataset(train_split.num_windows, sc.workers)
     if storage.is_s3(cfg.run.storage):

@@ -208,6 +208,17 @@ def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
     assert "winner: " in out
 
 
+def test_more_workers_than_this_machine_is_one_error_line(corpus_path, tmp_path):
+    """Ray Train would retry its worker group start every minute, forever."""
+    t = time.monotonic()
+    p = run_job("train.py", "--config", "configs/tiny.yaml", "--corpus", str(corpus_path),
+                "--storage", str(tmp_path), "--workers", "2", "--set",
+                "scaling.cpus_per_worker=1000", timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "error: 2 workers x 1000 CPU need 2000 CPU; the Ray cluster has" in p.stderr
+    assert time.monotonic() - t < 100
+
+
 def test_ray_job_submit_end_to_end(corpus_path):
     with moto_server() as s3env:
         s3_client(s3env).create_bucket(Bucket="jobs")

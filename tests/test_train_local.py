@@ -153,3 +153,16 @@ def test_generate_cli_errors(tiny_run, tmp_path):
                                                    str(tmp_path / "nope"), "--prompt", "a"))
     assert "prompts-file" in _error_line(run_job("generate.py", "--checkpoint", run,
                                                  "--prompts-file", str(tmp_path / "nope.txt")))
+
+
+def test_resources_a_cluster_cannot_supply():
+    from charrnn.errors import CharrnnError
+    from charrnn.trainer import check_resources
+    have = {"CPU": 2.0}
+    check_resources(2, 0.8, 0.0, have, fixed=True)  # fits: nothing said
+    with pytest.raises(CharrnnError, match=r"4 workers x 0.8 CPU need 3.2 CPU; the Ray cluster "
+                                           r"has 2 CPU: lower --workers"):
+        check_resources(4, 0.8, 0.0, have, fixed=True)
+    with pytest.raises(CharrnnError, match=r"need 2 GPU; the Ray cluster has 0 GPU"):
+        check_resources(2, 0.5, 1.0, have, fixed=True)
+    check_resources(4, 0.8, 0.0, have, fixed=False)  # a cluster that may grow: Ray Train waits
