@@ -24,6 +24,7 @@ import socket
 
 import ray
 import torch.distributed as dist
+from ray._common.network_utils import build_address, is_ipv6
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import (
     _set_torch_distributed_env_vars,
@@ -34,15 +35,11 @@ from ray.train.torch.config import (
 _rank0_store: tuple[socket.socket, dist.TCPStore] | None = None  # kept alive for the run
 
 
-def _host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr
-
-
 def _host_store_on_node_address() -> tuple[str, int]:
     """On rank 0: start the rendezvous store on this node's Ray address; -> (address, port)."""
     global _rank0_store
     addr = ray.util.get_node_ip_address()
-    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    sock = socket.socket(socket.AF_INET6 if is_ipv6(addr) else socket.AF_INET)
     sock.bind((addr, 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
@@ -88,7 +85,7 @@ def bind_serve_grpc_to_node_ip() -> None:
 
     def add_port(server, address: str):
         if address.startswith("[::]:"):
-            address = f"{_host(ray.util.get_node_ip_address())}:{address[len('[::]:'):]}"
+            address = build_address(ray.util.get_node_ip_address(), address[len("[::]:"):])
         return original(server, address)
 
     add_port.charrnn_node_bound = True

@@ -121,7 +121,7 @@ class Trainer:
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
             runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
-                  f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
+                       f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
 
     def _eta(self) -> float:
         """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""
@@ -147,8 +147,8 @@ class Trainer:
         if self.b.is_writer:
             m = unwrap(self.model)
             runlog.say(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
-                  f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
-                  f"{t.epochs} epochs, device {self.b.device}")
+                       f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
+                       f"{t.epochs} epochs, device {self.b.device}")
         try:
             while self.epoch < t.epochs:
                 out_of_time = self._run_epoch()
@@ -209,8 +209,8 @@ class Trainer:
         dt = time.monotonic() - self.meter_t0
         cps = self.meter_chars * self.b.world / max(dt, 1e-9)
         runlog.say(runlog.progress_line(self.epoch, self.cfg.train.epochs, self.epoch_step,
-                                   self.steps_per_epoch, self.loss_sum / max(self.loss_count, 1),
-                                   cps, self._eta()))
+                                        self.steps_per_epoch,
+                                        self.loss_sum / max(self.loss_count, 1), cps, self._eta()))
 
     @torch.no_grad()
     def _val_sums(self) -> tuple[float, float]:
@@ -274,8 +274,8 @@ class Trainer:
             unwrap(self.model).summary())
         uri = checkpoint.write_winner(self.b.run_uri, manifest)
         if final:
-            runlog.say(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) at step "
-                  f"{best['step']}; winner manifest {uri}")
+            runlog.say(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) "
+                       f"at step {best['step']}; winner manifest {uri}")
 
     def _sample(self) -> str:
         n = self.cfg.train.sample_chars

@@ -114,11 +114,11 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     local_cluster = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
-    sc = cfg.scaling
+    sc, have = cfg.scaling, ray.cluster_resources()
     gpus = sc.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    check_resources(sc.workers, sc.cpus_per_worker, gpus, ray.cluster_resources(), local_cluster)
+        gpus = 1.0 if have.get("GPU", 0) > 0 else 0.0
+    check_resources(sc.workers, sc.cpus_per_worker, gpus, have, local_cluster)
     train_split, _ = split_corpus(ids, cfg.data)
     dataset = window_dataset(train_split.num_windows, sc.workers)
     if storage.is_s3(cfg.run.storage):
