@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -62,6 +62,8 @@ class HTTPError(Exception):
 class Row:
     prompt: str
     params: SampleParams
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the request is cancelled (its client disconnected): the engine drops the row."""
 
 
 api = FastAPI(title="charrnn", description="Character-level LSTM text generation")
@@ -186,7 +188,7 @@ class CharRNNServer:
         queue: asyncio.Queue = asyncio.Queue()
         gen.engine.submit([r.prompt for r in rows], [r.params for r in rows],
                           lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                          chunk_steps=chunk_steps)
+                          chunk_steps=chunk_steps, cancelled=[r.cancelled for r in rows])
         return queue
 
     # ----- request handling -------------------------------------------------------------------
@@ -240,7 +242,12 @@ class CharRNNServer:
     async def generate(self, request: Request) -> JSONResponse:
         """Complete one prompt or a list of prompts; returns completions and the serving model."""
         rows, _ = await self._parse(request)
-        results = await asyncio.gather(*(self._batch(r) for r in rows))
+        try:
+            results = await asyncio.gather(*(self._batch(r) for r in rows))
+        except asyncio.CancelledError:  # the client went away (Serve cancels its request)
+            for r in rows:
+                r.cancelled.set()  # @serve.batch runs a started batch to its end; the engine stops
+            raise
         return JSONResponse({"completions": [text for text, _ in results],
                              "model": _public(results[0][1])})
 
@@ -254,8 +261,11 @@ class CharRNNServer:
         info = self.current.info
 
         async def chars():
-            async for c in self._batch_stream(rows[0]):
-                yield c
+            try:
+                async for c in self._batch_stream(rows[0]):
+                    yield c
+            finally:  # done, or the client went away mid-stream: the row stops either way
+                rows[0].cancelled.set()
 
         return StreamingResponse(chars(), media_type="text/plain; charset=utf-8",
                                  headers={"X-Charrnn-Checkpoint": info["checkpoint"]})
@@ -272,9 +282,11 @@ class CharRNNServer:
 
     @api.get("/stats")
     async def stats(self) -> dict:
-        """Groups gathered by @serve.batch so far, by size, and the most rows stepped together."""
+        """Groups gathered by @serve.batch so far, by size, the most rows stepped together and
+        the rows stepping now (of the model serving now)."""
         return {"batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "max_rows_stepped": self.current.engine.max_rows}
+                "max_rows_stepped": self.current.engine.max_rows,
+                "active_rows": self.current.engine.active_rows}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -1,6 +1,7 @@
 """Continuous batching: groups that join a running batch get the texts they would get alone."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def model(request):
                                hidden_size=16, num_layers=2)).eval()
 
 
-def collect(engine, prompts, params):
+def collect(engine, prompts, params, cancelled=None):
     out, done = [[] for _ in prompts], threading.Event()
     errors = []
 
@@ -35,7 +36,7 @@ def collect(engine, prompts, params):
                 if c is not None:
                     out[b].append(c)
 
-    engine.submit(prompts, params, emit, chunk_steps=3)
+    engine.submit(prompts, params, emit, chunk_steps=3, cancelled=cancelled)
     return out, done, errors
 
 
@@ -66,7 +67,7 @@ def test_whole_text_groups_get_one_emit_and_match_streaming(model):
     with engine._lock:  # queue all three before the engine thread looks: one join
         for k, (prompts, params) in enumerate(groups):
             engine._pending.append((prompts, params, lambda x, k=k: (events[k].append(x),
-                                    done[k].set() if x is DONE else None), None))
+                                    done[k].set() if x is DONE else None), None, None))
         engine._thread = threading.Thread(target=engine._run, daemon=True)
         engine._thread.start()
     for k, (prompts, params) in enumerate(groups):
@@ -82,3 +83,42 @@ def test_an_error_reaches_every_waiting_group(model):
     bad = SampleParams(5, seed=1)
     out, done, errors = collect(engine, ["\x00not in vocab"], [bad])
     assert done.wait(30) and errors
+
+
+def test_a_cancelled_row_stops_and_leaves_the_others_alone(model):
+    """A row whose caller went away leaves the batch within a few steps; the rows beside it
+    (same group or another) still get their whole texts, the same as offline."""
+    engine = Engine(model, VOCAB)
+    gone = [threading.Event(), threading.Event()]
+    long_ = SampleParams(1_000_000, seed=1)  # minutes of stepping if it ran to its end
+    short = SampleParams(300, seed=2)
+    out, done, errors = collect(engine, ["the ", "a"], [long_, short], cancelled=gone)
+    other = collect(engine, ["hello"], [SampleParams(200, seed=3)])
+    wait_for = time.monotonic() + 30
+    while not out[0] and time.monotonic() < wait_for:
+        time.sleep(0.01)
+    gone[0].set()
+    assert done.wait(30) and not errors
+    assert len("".join(out[0])) < 10_000  # stopped early
+    assert ["".join(out[1])] == generate(model, VOCAB, ["a"], [short])
+    assert other[1].wait(30) and ["".join(other[0][0])] == generate(
+        model, VOCAB, ["hello"], [SampleParams(200, seed=3)])
+    deadline = time.monotonic() + 10
+    while engine.active_rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active_rows == 0
+
+
+def test_whole_text_group_with_every_row_cancelled_still_completes(model):
+    engine = Engine(model, VOCAB)
+    gone = [threading.Event()]
+    got, done = [], threading.Event()
+    engine.submit(["the "], [SampleParams(1_000_000, seed=1)],
+                  lambda x: (got.append(x), done.set() if x is DONE else None), cancelled=gone)
+    time.sleep(0.05)
+    gone[0].set()
+    assert done.wait(30)
+    texts, end = got
+    assert end is DONE and 0 < len(texts[0]) < 1_000_000
+    with pytest.raises(ValueError, match="one cancelled event per prompt"):
+        engine.submit(["a", "b"], [SampleParams(1)] * 2, lambda x: None, cancelled=gone)

@@ -195,6 +195,35 @@ def test_swap_through_user_config(serve_base, run_dir):
     serve.delete("uc")
 
 
+def test_a_client_that_goes_away_stops_its_rows(serve_base, run_dir):
+    """Serve cancels the request of a client that disconnects; its rows leave the engine at
+    once instead of generating to `max_chars` (a started @serve.batch runs to its end)."""
+    from ray import serve
+
+    from charrnn.serve import CharRNNServer
+    app = CharRNNServer.options(ray_actor_options={"num_cpus": 0.5}).bind(
+        {"checkpoint": str(run_dir), "watch_interval_s": 0, "max_chars_limit": 1_000_000})
+    serve.run(app, name="gone", route_prefix="/gone", blocking=False)
+    base = serve_base + "/gone"
+    wait_for(lambda: _ok(base + "/healthz"), 120, "the gone app")
+
+    def active():
+        return requests.get(base + "/stats", timeout=10).json()["active_rows"]
+
+    long_ = {"max_chars": 1_000_000, "seed": 1}  # a minute or more of stepping
+    with pytest.raises(requests.ReadTimeout):  # a whole-text client that gives up
+        requests.post(base + "/generate", json={"prompts": ["a", "b"], **long_}, timeout=1.5)
+    wait_for(lambda: active() == 0, 10, "the abandoned rows to stop")
+    with requests.post(base + "/generate/stream", json={"prompt": "a", **long_}, stream=True,
+                       timeout=30) as r:  # a streaming client that reads a little, then leaves
+        chunks = r.iter_content(chunk_size=None)  # (kept: closing it closes the connection)
+        assert next(chunks)
+        assert active() == 1
+    wait_for(lambda: active() == 0, 10, "the abandoned stream to stop")
+    assert post(base, prompt="a", max_chars=20, seed=2).status_code == 200  # still serving
+    serve.delete("gone")
+
+
 def test_bearer_token(serve_base, run_dir, monkeypatch):
     from ray import serve
     monkeypatch.setenv("CHARRNN_TEST_TOKEN", "s3cret-token")
