@@ -14,23 +14,24 @@ from charrnn.errors import CharrnnError
 from charrnn.generate import Generator, SampleParams
 
 
-def request_body(prompt: str, p: SampleParams) -> dict:
+def request_body(prompt: str, p: SampleParams, oov: str = "error") -> dict:
     body = {"prompt": prompt, "max_chars": p.max_new_chars, "temperature": p.temperature,
-            "top_p": p.top_p, "greedy": p.greedy, "seed": p.seed}
+            "top_p": p.top_p, "greedy": p.greedy, "seed": p.seed, "oov": oov}
     if p.top_k:
         body["top_k"] = p.top_k
     return body
 
 
 def generate_remote(url: str, prompts: list[str], params: SampleParams, token: str | None = None,
-                    concurrency: int = 32, timeout: float = 300) -> tuple[list[str], dict]:
+                    concurrency: int = 32, timeout: float = 300,
+                    oov: str = "error") -> tuple[list[str], dict]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     session = requests.Session()
 
     def one(item):
         prompt, p = item
         try:
-            r = session.post(url.rstrip("/") + "/generate", json=request_body(prompt, p),
+            r = session.post(url.rstrip("/") + "/generate", json=request_body(prompt, p, oov),
                              headers=headers, timeout=timeout)
         except requests.RequestException as e:
             raise CharrnnError(f"cannot reach {url}: {e}") from None

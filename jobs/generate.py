@@ -17,6 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from charrnn.cli import run_cli  # noqa: E402
 from charrnn.errors import CharrnnError  # noqa: E402
 
+# SampleParams fields -> the flags that set them (for error messages)
+FLAGS = {"max_new_chars": "--max-chars", "temperature": "--temperature", "top_k": "--top-k",
+         "top_p": "--top-p", "greedy decoding": "--greedy"}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -63,14 +67,18 @@ def main(argv=None) -> int:
     try:
         params = SampleParams(max_new_chars=args.max_chars, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
-    except ValueError as e:
-        raise CharrnnError(str(e)) from None
+    except ValueError as e:  # named by its flag, as the user typed it
+        msg = str(e)
+        for field, flag in FLAGS.items():
+            msg = msg.replace(field, flag)
+        raise CharrnnError(msg) from None
     prompts = read_prompts(args)
     if args.serve_url:
         if args.random_prompt or not prompts:
             raise CharrnnError("--serve-url needs --prompt or --prompts-file")
         from charrnn.client import generate_remote
-        completions, model = generate_remote(args.serve_url, prompts, params, args.token)
+        completions, model = generate_remote(args.serve_url, prompts, params, args.token,
+                                             oov=args.oov)
         run = model.get("run")
     else:
         from charrnn import checkpoint

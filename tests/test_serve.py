@@ -247,12 +247,12 @@ def test_batch_client_job_matches_offline(app, run_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the queen\nalice was\nthe cat\n")
     common = ["--prompts-file", str(prompts), "--format", "jsonl", "--max-chars", "40",
-              "--seed", "9", "--temperature", "0.7"]
+              "--seed", "9", "--temperature", "0.7", "--prompt", "alice {ω}", "--oov", "drop"]
     online = run_job("generate.py", "--serve-url", app, *common)
     offline = run_job("generate.py", "--checkpoint", str(run_dir), *common)
     assert online.returncode == 0, online.stderr
     rows = [json.loads(x) for x in online.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["the queen", "alice was", "the cat"]
+    assert [r["prompt"] for r in rows] == ["alice {ω}", "the queen", "alice was", "the cat"]
     assert [r["completion"] for r in rows] == [json.loads(x)["completion"]
                                               for x in offline.stdout.splitlines()]
 

@@ -147,8 +147,10 @@ def test_generate_cli_errors(tiny_run, tmp_path):
     ok = run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa", "--oov", "drop",
                  "--max-chars", "5")
     assert ok.returncode == 0 and ok.stdout.startswith("Ωa")
-    assert "temperature" in _error_line(run_job("generate.py", "--checkpoint", run, "--prompt",
-                                                "a", "--temperature", "0"))
+    assert "--temperature must be > 0" in _error_line(run_job(
+        "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
+    assert "--max-chars must be >= 0" in _error_line(run_job(
+        "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
     assert "does not exist" in _error_line(run_job("generate.py", "--checkpoint",
                                                    str(tmp_path / "nope"), "--prompt", "a"))
     assert "prompts-file" in _error_line(run_job("generate.py", "--checkpoint", run,
