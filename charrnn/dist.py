@@ -8,6 +8,8 @@ The training loop (`train_loop.py`) talks only to a `Backend`:
   through `ray.train.report`, which uploads them and keeps the best K (`CheckpointConfig`).
 Rules: every rank calls `report` at the same points; only rank 0 passes a checkpoint and
 writes run files (winner manifest, metrics, plot); metrics are all-reduced before reporting.
+A run may move from local mode to Ray Train (its first Ray attempt starts from the local run's
+latest checkpoint), never back: `resume_point`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,30 @@ import torch
 
 from charrnn import storage
 from charrnn.data import local_index_batches
+from charrnn.errors import CharrnnError
 
-KEEPER_INDEX = "checkpoints.json"
+KEEPER_INDEX = "checkpoints.json"  # the local keeper's record of a run's checkpoints
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's (tests pin it to Ray's name)
+
+
+def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
+    """Check that a run is continued in a mode that keeps what it saved; for a Ray run, the URI
+    of the checkpoint a first Ray attempt starts from (the local run's latest), else None.
+
+    Each mode keeps its own record (`KEEPER_INDEX`, `RAY_SNAPSHOT`) and names checkpoints by step.
+    Ray Train resumes from its record alone: started over a local run, it would retrain from step
+    0 and overwrite and prune the local run's checkpoints. The local keeper would do the same to
+    a Ray run. So local -> Ray hands over the latest checkpoint, and Ray -> local is refused.
+    """
+    if not ray_mode:
+        if storage.exists(storage.join(run_uri, RAY_SNAPSHOT)):
+            raise CharrnnError(
+                f"run {run_name!r} was trained by Ray Train workers: continue it with --workers N "
+                "(N >= 1), or start a new run with another --name")
+        return None
+    index = storage.join(run_uri, KEEPER_INDEX)
+    entries = json.loads(storage.read_text(index)) if storage.exists(index) else []
+    return storage.join(run_uri, entries[-1]["name"]) if entries else None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,13 +124,14 @@ class LocalBackend(Backend):
 class RayBackend(Backend):
     """Inside a Ray Train worker (`TorchTrainer` has set up the process group)."""
 
-    def __init__(self, run_uri: str):
+    def __init__(self, run_uri: str, start_from: str | None = None):
         import ray.train
         import ray.train.torch
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_uri = run_uri
+        self.start_from = start_from  # a local run's latest checkpoint (`resume_point`)
 
     def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
         import ray.train
@@ -136,10 +161,15 @@ class RayBackend(Backend):
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
     def resume_dir(self) -> Path | None:
+        """Ray Train's latest checkpoint of this run; before its first, the local run's."""
         import ray.train
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
+            if self.start_from is None:
+                return None
+            local = storage.local_path(self.start_from)
+            return local if local is not None else storage.download_dir(
+                self.start_from, Path(tempfile.mkdtemp(prefix="charrnn-resume-")))
         tmp = Path(tempfile.mkdtemp(prefix="charrnn-resume-"))
         shutil.rmtree(tmp)
         return Path(ckpt.to_directory(str(tmp)))

@@ -41,7 +41,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         import ray
         if isinstance(ids, ray.ObjectRef):
             ids = ray.get(ids)  # zero-copy view of the node's shared-memory copy
-        backend: Backend = RayBackend(loop_config["run_uri"])
+        backend: Backend = RayBackend(loop_config["run_uri"], loop_config.get("start_from"))
     else:
         backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints)
     Trainer(cfg, vocab, ids, backend).fit()

@@ -18,6 +18,7 @@ from charrnn import corpus, storage
 from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
+from charrnn.dist import resume_point
 from charrnn.errors import CharrnnError
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
@@ -46,8 +47,10 @@ def fit(cfg: Config) -> str:
     cfg = cfg.replace(run=dataclasses.replace(
         cfg.run, s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
     cfg, vocab, ids = prepare(cfg)
-    loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg)}
-    if cfg.scaling.workers == 0:
+    ray_mode = cfg.scaling.workers > 0
+    loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg),
+                   "start_from": resume_point(run_uri(cfg), cfg.run.name, ray_mode)}
+    if not ray_mode:
         print(f"local mode: corpus {cfg.data.corpus} ({len(ids):,} chars, vocab {len(vocab)})",
               flush=True)
         train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})

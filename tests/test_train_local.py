@@ -168,3 +168,28 @@ def test_resources_a_cluster_cannot_supply():
     with pytest.raises(CharrnnError, match=r"need 2 GPU; the Ray cluster has 0 GPU"):
         check_resources(2, 0.5, 1.0, have, fixed=True)
     check_resources(4, 0.8, 0.0, have, fixed=False)  # a cluster that may grow: Ray Train waits
+
+
+def test_a_run_moves_from_local_mode_to_ray_train_never_back(tmp_path):
+    """Each mode keeps its own record of a run's checkpoints (the local keeper's index, Ray
+    Train's snapshot). Local -> Ray hands over the local run's latest checkpoint; Ray -> local is
+    refused, since the keeper would retrain over the Ray run's checkpoints and prune them."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from charrnn.dist import KEEPER_INDEX, RAY_SNAPSHOT, resume_point
+    from charrnn.errors import CharrnnError
+    assert RAY_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    run = tmp_path / "r"
+    assert resume_point(str(run), "r", ray_mode=True) is None  # a new run
+    assert resume_point(str(run), "r", ray_mode=False) is None
+    run.mkdir()
+    (run / KEEPER_INDEX).write_text(json.dumps([{"name": "checkpoint_00000010", "val_loss": 2.0,
+                                                 "step": 10},
+                                                {"name": "checkpoint_00000020", "val_loss": 2.1,
+                                                 "step": 20}]))
+    assert resume_point(str(run), "r", ray_mode=True) == f"{run}/checkpoint_00000020"
+    assert resume_point(str(run), "r", ray_mode=False) is None  # the keeper resumes itself
+    (run / RAY_SNAPSHOT).write_text("{}")
+    with pytest.raises(CharrnnError, match="run 'r' was trained by Ray Train workers: continue "
+                                           r"it with --workers N \(N >= 1\)"):
+        resume_point(str(run), "r", ray_mode=False)
