@@ -102,6 +102,9 @@ class LocalBackend(Backend):
         if checkpoint_dir is None:
             return
         storage.upload_dir(checkpoint_dir, storage.join(self.run_uri, name))
+        # A checkpoint saved again under its name (an evaluation redone after Ctrl-C) replaces
+        # its entry: two entries of one directory could get it deleted while it is still kept.
+        self.entries = [e for e in self.entries if e["name"] != name]
         self.entries.append({"name": name, "val_loss": metrics["val_loss"], "step": metrics["step"]})
         # Keep the best K by validation loss, and always the latest (to resume from).
         best = sorted(self.entries, key=lambda e: e["val_loss"])[: self.keep]

@@ -162,6 +162,8 @@ class Trainer:
         except KeyboardInterrupt:
             if isinstance(self.b, LocalBackend):
                 self._evaluate("interrupted")
+                if self.history:  # the interrupt may have come between a save and its manifest
+                    self._publish_winner()
                 raise Interrupted() from None
             raise
         if self.b.is_writer and self.history:
@@ -244,20 +246,25 @@ class Trainer:
             "lr": self.sched.get_last_lr()[0], "chars_per_s": chars / max(dt, 1e-9),
             "elapsed_s": elapsed, "reason": reason,
         }
-        self.history.append(metrics)
+        # Committed to self only once the checkpoint is stored: a Ctrl-C during validation or
+        # the upload leaves this evaluation undone, and the interrupt handler runs it again.
+        history, best = [*self.history, metrics], min(self.best, val_loss)
         improved = val_loss < self.best
-        self.best = min(self.best, val_loss)
         name = checkpoint.dir_name(self.step)
-        tmp: Path | None = None
+        tmp = Path(tempfile.mkdtemp(prefix="charrnn-save-")) / name if self.b.is_writer else None
+        try:
+            if tmp is not None:
+                meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,
+                        "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
+                        "best_val_loss": best, "elapsed_s": elapsed, "history": history}
+                checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt,
+                                self.sched)
+            self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+        self.history, self.best = history, best
         if self.b.is_writer:
-            tmp = Path(tempfile.mkdtemp(prefix="charrnn-save-")) / name
-            meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,
-                    "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
-                    "best_val_loss": self.best, "elapsed_s": elapsed, "history": self.history}
-            checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt, self.sched)
-        self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete
-        if self.b.is_writer:
-            shutil.rmtree(tmp.parent, ignore_errors=True)
             if improved:
                 self._publish_winner()
             # The plot costs ~0.3 s: drawn at the end of a run (and when it stops early).

@@ -101,6 +101,42 @@ def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, mon
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_ctrl_c_during_a_save_still_saves(corpus_path, tmp_path, monkeypatch):
+    """Ctrl-C while the end-of-epoch checkpoint is being stored: the evaluation is redone, so
+    the run really has the checkpoint its exit message promises, and the winner names it."""
+    real_report = LocalBackend.report
+    calls = []
+
+    def interrupted_upload(self, metrics, checkpoint_dir, name):
+        calls.append(name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # before anything reached the run directory
+        real_report(self, metrics, checkpoint_dir, name)
+
+    monkeypatch.setattr(LocalBackend, "report", interrupted_upload)
+    with pytest.raises(Interrupted):
+        fit(_cfg(corpus_path, tmp_path, "i", "train.epochs=1"))
+    assert calls == ["checkpoint_00000127", "checkpoint_00000127"]
+    run = tmp_path / "i"
+    assert [e["step"] for e in json.loads((run / "checkpoints.json").read_text())] == [127]
+    assert [m["step"] for m in json.loads((run / "metrics.json").read_text())] == [127]
+    assert checkpoint.read_winner(str(run / "winner.json"))["step"] == 127
+    assert checkpoint.load(str(run)).meta["history"][-1]["reason"] == "interrupted"
+
+
+def test_a_checkpoint_saved_twice_under_one_name_has_one_index_entry(tmp_path):
+    backend = LocalBackend(str(tmp_path / "run"), keep=1)
+    for loss in (2.0, 1.5, 1.9):  # the last two: one step, saved twice
+        d = tmp_path / f"save{loss}"
+        d.mkdir()
+        (d / "model.pt").write_text(str(loss))
+        backend.report({"val_loss": loss, "step": 10 if loss < 2 else 5}, d,
+                       "checkpoint_00000010" if loss < 2 else "checkpoint_00000005")
+    index = json.loads((tmp_path / "run" / "checkpoints.json").read_text())
+    assert index == [{"name": "checkpoint_00000010", "val_loss": 1.9, "step": 10}]
+    assert (tmp_path / "run" / "checkpoint_00000010" / "model.pt").read_text() == "1.9"
+
+
 def test_time_limit_and_step_interval_checkpoints(corpus_path, tmp_path):
     fit(_cfg(corpus_path, tmp_path, "s", "run.checkpoint_every_steps=50", "run.keep_checkpoints=1"))
     history = json.loads((tmp_path / "s" / "metrics.json").read_text())
