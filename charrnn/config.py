@@ -279,8 +279,8 @@ class ServeConfig:
     precision: str = "fp32"
     """Per-character steps in `fp32` (the offline CLI's texts, whatever shares the batch) or
     `bf16` (faster with many rows on AMX CPUs and GPUs, but a row's text can then depend on the
-    batch it shares: bf16 rounding turns the matmuls' batch-size-dependent order into
-    visible differences)."""
+    batch it shares: bf16 rounding of the state magnifies the last-bit differences that a lone
+    row's matmul kernel and the packed prefill make)."""
     threads: int = 0
     """torch threads per replica; 0 keeps Ray's default (the replica's `num_cpus`)."""
 

@@ -61,8 +61,9 @@ def test_a_row_does_not_depend_on_the_filters_of_other_rows(model):
 
 def test_fp32_rows_do_not_depend_on_the_batch_at_full_size():
     """Alice-sized (2 x 256): a row alone, in a batch of 8 and in a batch of 3 gives one text.
-    (The GEMM's order of summation may change with the batch size; in fp32 the difference is
-    too small to move a sample. bf16 rounding makes it visible, hence fp32 by default.)"""
+    (A lone row's matmuls take a matrix-vector kernel, and the prefill packs prompts of different
+    lengths together, so a row's last bits can change with its batch; in fp32 that is too small
+    to move a sample, bf16 rounding can magnify it, hence fp32 by default: BENCHMARKS.md.)"""
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=len(VOCAB), hidden_size=256, num_layers=2)).eval()
     prompts = ["the cat", "a", "hello there", "xyz", "q", "the end.", "ab", "no"]
