@@ -9,8 +9,11 @@ workers (`get_dataset_shard`), each mapping its indices through the epoch's perm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -48,18 +51,41 @@ def fit(cfg: Config) -> str:
         cfg.run, s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
     cfg, vocab, ids = prepare(cfg)
     ray_mode = cfg.scaling.workers > 0
-    loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg),
-                   "start_from": resume_point(run_uri(cfg), cfg.run.name, ray_mode)}
-    if not ray_mode:
-        print(f"local mode: corpus {cfg.data.corpus} ({len(ids):,} chars, vocab {len(vocab)})",
-              flush=True)
-        train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})
-    else:
-        _fit_ray(cfg, ids, loop_config)
+    with run_lock(run_uri(cfg), cfg.run.name):
+        loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg),
+                       "start_from": resume_point(run_uri(cfg), cfg.run.name, ray_mode)}
+        if not ray_mode:
+            print(f"local mode: corpus {cfg.data.corpus} ({len(ids):,} chars, vocab {len(vocab)})",
+                  flush=True)
+            train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})
+        else:
+            _fit_ray(cfg, ids, loop_config)
     winner = storage.join(run_uri(cfg), WINNER)
     if not storage.exists(winner):
         raise CharrnnError(f"training finished without a winner manifest at {winner}")
     return winner
+
+
+@contextlib.contextmanager
+def run_lock(uri: str, name: str) -> Iterator[None]:
+    """Hold `<run>/.lock` while this process trains the run: a second process training the same
+    run at once would interleave its checkpoints and prune the first one's. Local storage only
+    (an advisory `flock`, released when the process dies); S3 has no such lock."""
+    local = storage.local_path(uri)
+    if local is None:
+        yield
+        return
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CharrnnError(f"run {name!r} is being trained by another process now ({uri}): "
+                               "wait for it to finish, or use another --name") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: bool) -> None:

@@ -229,3 +229,19 @@ def test_a_run_moves_from_local_mode_to_ray_train_never_back(tmp_path):
     with pytest.raises(CharrnnError, match="run 'r' was trained by Ray Train workers: continue "
                                            r"it with --workers N \(N >= 1\)"):
         resume_point(str(run), "r", ray_mode=False)
+
+
+def test_one_run_is_trained_by_one_process_at_a_time(corpus_path, tmp_path):
+    """A second process training the same run would interleave checkpoints with the first and
+    prune them; it gets one line instead. The lock goes with the first process."""
+    import fcntl
+
+    from charrnn.errors import CharrnnError
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".lock", "a") as held:  # as another process would hold it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CharrnnError, match="run 'busy' is being trained by another process"):
+            fit(_cfg(corpus_path, tmp_path, "busy", "train.epochs=1"))
+        assert not list((tmp_path / "busy").glob("checkpoint_*"))
+    fit(_cfg(corpus_path, tmp_path, "busy", "train.epochs=1"))  # released: it trains
+    assert (tmp_path / "busy" / "winner.json").is_file()
