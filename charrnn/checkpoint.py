@@ -5,7 +5,8 @@ A checkpoint is a directory:
     config.json     the full Config (model.vocab_size filled in) that rebuilds the model
     vocab.json      the characters, in id order
     train_state.pt  optimizer, LR schedule and RNG state (tensors and plain numbers only)
-    meta.json       epoch, step, metrics, history, run name; written last
+    meta.json       epoch, step, metrics, history, run name, a digest of the held-out text;
+                    written last
 It loads from its URI alone (a directory, a `winner.json`, or a run directory; local or S3), on
 the CPU even when trained on a GPU. `.pt` files load with `weights_only=True`, so a planted
 pickle that would run code is refused, never executed.

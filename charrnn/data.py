@@ -12,6 +12,7 @@ so any worker, or a resumed run, recomputes them without shared state.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,13 @@ def val_chunks(val: Split, rank: int = 0, world: int = 1, streams: int = VAL_STR
     mine = np.arange(streams)[rank::world] * (n // streams)  # (S,) stream starts
     for t in range(0, length, val.seq_len):
         yield val.gather(mine + t)
+
+
+def val_signature(val: Split, max_chars: int = 0) -> str:
+    """A digest of the held-out text that validation scores (`val_chunks` with `max_chars`):
+    validation losses are comparable, and a best checkpoint meaningful, only on the same text."""
+    n = len(val.ids) if not max_chars else min(len(val.ids), max_chars + 1)
+    return hashlib.sha256(np.ascontiguousarray(val.ids[:n]).tobytes()).hexdigest()[:16]
 
 
 def random_prompt(text: str, length: int, seed: int | None) -> str:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from charrnn import checkpoint, runlog, storage
 from charrnn.config import Config
-from charrnn.data import EpochPlan, split_corpus, val_chunks
+from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
 from charrnn.generate import SampleParams, generate
 from charrnn.model import CharRNN
@@ -77,6 +77,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.train, self.val = split_corpus(ids, cfg.data)
+        self.val_signature = val_signature(self.val, t.eval_max_chars)
         self.K = self.train.num_windows
         self.steps_per_epoch = math.ceil((self.K // backend.world) / t.batch_size)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -107,6 +108,12 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"run {self.cfg.run.name!r} already holds a checkpoint of a different model or "
                 "vocabulary; use another --name to start a new run")
+        if loaded.meta.get("val_signature", self.val_signature) != self.val_signature:
+            # Its best validation loss was measured on other text: the winner would be wrong.
+            raise checkpoint.CheckpointError(
+                f"run {self.cfg.run.name!r} was validated on other held-out text (the corpus, "
+                "its cleaning, data.val_fraction or train.eval_max_chars changed); use another "
+                "--name to start a new run")
         model.load_state_dict(loaded.model.state_dict())
         state = checkpoint.load_train_state(loaded)
         self.opt.load_state_dict(state["optimizer"])
@@ -256,7 +263,8 @@ class Trainer:
             if tmp is not None:
                 meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,
                         "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
-                        "best_val_loss": best, "elapsed_s": elapsed, "history": history}
+                        "best_val_loss": best, "elapsed_s": elapsed, "history": history,
+                        "val_signature": self.val_signature}
                 checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt,
                                 self.sched)
             self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete

@@ -77,6 +77,18 @@ def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
     assert history[1]["val_loss"] < history[0]["val_loss"]
 
 
+def test_resuming_on_other_held_out_text_is_refused(corpus_path, tmp_path):
+    """The best validation loss so far was measured on the run's held-out text: resumed on
+    other text, the winner would compare unlike numbers. Same text, other settings: fine."""
+    from charrnn.errors import CharrnnError
+    fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=1"))
+    for change in ("data.val_fraction=0.2", "train.eval_max_chars=5000"):
+        with pytest.raises(CharrnnError, match="run 'v' was validated on other held-out text"):
+            fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=2", change))
+    fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=2", "train.lr=0.005"))
+    assert [m["step"] for m in json.loads((tmp_path / "v" / "metrics.json").read_text())] == [127, 254]
+
+
 def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, monkeypatch):
     cfg = _cfg(corpus_path, tmp_path, "c", "train.epochs=1")
     real_step = Trainer._train_step
