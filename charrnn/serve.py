@@ -108,7 +108,8 @@ class CharRNNServer:
         self.batch_sizes: Counter = Counter()
         self._lock = threading.Lock()
         self.current = self._load(self.cfg.checkpoint)
-        self.source = self.cfg.checkpoint
+        self.source = self.cfg.checkpoint  # what the replica follows (builder arg or user_config)
+        self.source_error: str | None = None  # why `source` is not serving, while it is not
         for gather in (self._batch, self._batch_stream):
             gather.set_max_batch_size(self.cfg.max_batch_size)
             gather.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -139,17 +140,26 @@ class CharRNNServer:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.cfg.watch_interval_s):
-            try:
-                self._swap_if_new(self.source)
-            except Exception as e:  # a bad or partial new winner: keep serving the old one
-                log.warning("winner watch: keeping %s: %s", self.current.info["checkpoint"], e)
+            self._follow(self.source)
+
+    def _follow(self, uri: str) -> None:
+        """Serve `uri`'s checkpoint if it is new. One that cannot be loaded (missing, partial,
+        corrupt) leaves the current model serving; the reason shows in GET /model."""
+        try:
+            self._swap_if_new(uri)
+            self.source_error = None
+        except Exception as e:
+            self.source_error = f"{uri}: {e}"
+            log.warning("keeping %s: %s", self.current.info["checkpoint"], self.source_error)
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint."""
+        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint. A URI
+        that cannot be loaded does not take the application down: the replica keeps its model,
+        says why in GET /model, and the watcher retries the URI (it may still be uploading)."""
         uri = (user_config or {}).get("checkpoint")
         if uri:
             self.source = uri
-            self._swap_if_new(uri)
+            self._follow(uri)
 
     def check_health(self) -> None:
         if self.current is None:
@@ -278,6 +288,7 @@ class CharRNNServer:
     async def model(self) -> dict:
         """Which checkpoint is serving."""
         return {**_public(self.current.info), "source": self.source,
+                "source_error": self.source_error,
                 "params": self.current.model.num_params()}
 
     @api.get("/stats")

@@ -192,6 +192,19 @@ def test_swap_through_user_config(serve_base, run_dir):
     serve.run(app, name="uc", route_prefix="/uc", blocking=False)
     wait_for(lambda: requests.get(serve_base + "/uc/model").json()["checkpoint"] == str(ckpts[-1]),
              60, "the user_config swap")
+    # A checkpoint that cannot be loaded (a typo, an upload not done yet) does not take the
+    # application down: the replica keeps serving and says why.
+    missing = str(run_dir / "checkpoint_99999999")
+    serve.run(CharRNNServer.options(user_config={"checkpoint": missing}).bind(args), name="uc",
+              route_prefix="/uc", blocking=False)
+    wait_for(lambda: requests.get(serve_base + "/uc/model").json()["source"] == missing, 60,
+             "the bad user_config")
+    m = requests.get(serve_base + "/uc/model").json()
+    assert m["checkpoint"] == str(ckpts[-1]) and "does not exist" in m["source_error"]
+    r = requests.post(serve_base + "/uc/generate", json={"prompt": "a", "max_chars": 5})
+    assert r.status_code == 200 and r.json()["model"]["checkpoint"] == str(ckpts[-1])
+    from ray.serve.schema import ApplicationStatus
+    assert serve.status().applications["uc"].status == ApplicationStatus.RUNNING
     serve.delete("uc")
 
 
