@@ -134,7 +134,11 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
     try:
         if isinstance(fs, pafs.LocalFileSystem):
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            shutil.copytree(local_dir, tmp)
+            try:
+                shutil.copytree(local_dir, tmp)
+            except BaseException:  # a full disk, Ctrl-C: leave no half copy beside the run
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if os.path.exists(path):  # replacing: move the old one aside, then swap
                 old = f"{path}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(path, old)

@@ -78,3 +78,27 @@ def test_winner_manifest_resolves_and_refuses_partial_checkpoints(saved, tmp_pat
     (d / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="not publishing"):
         checkpoint.write_winner(str(run), m)
+
+
+def test_a_failed_local_upload_leaves_nothing_behind(saved, tmp_path, monkeypatch):
+    """A full disk (or Ctrl-C) mid-copy: no half-written directory beside the run's
+    checkpoints, and an existing checkpoint of that name is untouched."""
+    import shutil
+
+    from charrnn import storage
+    from charrnn.errors import StorageError
+    src = saved[0]
+    dst = tmp_path / "run" / "checkpoint_00000001"
+    storage.upload_dir(src, str(dst))
+    before = (dst / "model.pt").read_bytes()
+    real = shutil.copytree
+
+    def full_disk(src, d, *a, **k):
+        real(src, d, *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    with pytest.raises(StorageError, match="No space left on device"):
+        storage.upload_dir(src, str(dst))
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["checkpoint_00000001"]
+    assert (dst / "model.pt").read_bytes() == before
