@@ -6,12 +6,16 @@ server's batcher can gather them into shared generation batches.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from charrnn.errors import CharrnnError
 from charrnn.generate import Generator, SampleParams
+
+RETRY_STATUSES = (502, 503, 504)
+RETRY_WAITS_S = (0.5, 1.0, 2.0, None)  # None: the last attempt
 
 
 def request_body(prompt: str, p: SampleParams, oov: str = "error") -> dict:
@@ -28,13 +32,26 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     session = requests.Session()
 
+    def post(body: dict) -> requests.Response:
+        """POST /generate; a refused connection or a 502/503/504 (a replica restarting, a
+        redeploy, Serve shedding load) is retried after 0.5, 1 and 2 s."""
+        for wait in RETRY_WAITS_S:
+            try:
+                r = session.post(url.rstrip("/") + "/generate", json=body, headers=headers,
+                                 timeout=timeout)
+                if r.status_code not in RETRY_STATUSES or wait is None:
+                    return r
+            except requests.ConnectionError as e:
+                if wait is None:
+                    raise CharrnnError(f"cannot reach {url}: {e}") from None
+            except requests.RequestException as e:  # a timeout: the server may still be working
+                raise CharrnnError(f"no answer from {url}: {e}") from None
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
     def one(item):
         prompt, p = item
-        try:
-            r = session.post(url.rstrip("/") + "/generate", json=request_body(prompt, p, oov),
-                             headers=headers, timeout=timeout)
-        except requests.RequestException as e:
-            raise CharrnnError(f"cannot reach {url}: {e}") from None
+        r = post(request_body(prompt, p, oov))
         if r.status_code != 200:
             try:
                 msg = r.json().get("error", r.text)

@@ -1,0 +1,60 @@
+"""The Serve client of `jobs/generate.py --serve-url`, against a stand-in server on loopback."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from charrnn import client
+from charrnn.errors import CharrnnError
+from charrnn.generate import SampleParams
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """Answers POST /generate with the statuses queued in `server.statuses` (then 200s)."""
+    monkeypatch.setattr(client, "RETRY_WAITS_S", (0.0, 0.0, 0.0, None))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            srv.bodies.append(body)
+            status = srv.statuses.pop(0) if srv.statuses else 200
+            data = ({"completions": [body["prompt"].upper()], "model": {"run": "r"}}
+                    if status == 200 else {"error": "busy"})
+            out = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.statuses, srv.bodies = [], []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+
+
+def test_a_busy_or_restarting_server_is_retried(server):
+    server.statuses = [503, 502]
+    texts, model = client.generate_remote(server.url, ["abc"], SampleParams(5, seed=1), oov="drop")
+    assert texts == ["ABC"] and model == {"run": "r"}
+    assert len(server.bodies) == 3 and server.bodies[-1]["oov"] == "drop"
+
+
+def test_errors_are_one_line(server):
+    server.statuses = [503] * 4  # still busy after the last retry
+    with pytest.raises(CharrnnError, match="answered 503: busy"):
+        client.generate_remote(server.url, ["abc"], SampleParams(5))
+    server.statuses = [422]  # a client error is not retried
+    with pytest.raises(CharrnnError, match="answered 422"):
+        client.generate_remote(server.url, ["abc"], SampleParams(5))
+    assert len(server.bodies) == 5
+    with pytest.raises(CharrnnError, match="cannot reach http://127.0.0.1:9"):
+        client.generate_remote("http://127.0.0.1:9", ["abc"], SampleParams(5))
