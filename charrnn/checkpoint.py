@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +122,7 @@ def resolve(uri: str) -> str:
 def load(uri: str, device: str = "cpu") -> Loaded:
     """Load a checkpoint from any URI `resolve` accepts. S3 checkpoints are downloaded first."""
     ckpt = resolve(uri)
-    local = storage.local_path(ckpt)
-    if local is not None:
-        return load_dir(local, ckpt, device)
-    tmp = Path(tempfile.mkdtemp(prefix="charrnn-ckpt-"))
-    storage.download_dir(ckpt, tmp)
-    return load_dir(tmp, ckpt, device)
+    return load_dir(storage.local_dir(ckpt, prefix="charrnn-ckpt-"), ckpt, device)
 
 
 # ----- winner manifest -----------------------------------------------------------------------

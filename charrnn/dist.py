@@ -118,10 +118,8 @@ class LocalBackend(Backend):
     def resume_dir(self) -> Path | None:
         if not self.entries:
             return None
-        uri = storage.join(self.run_uri, self.entries[-1]["name"])
-        local = storage.local_path(uri)
-        return local if local is not None else storage.download_dir(
-            uri, Path(tempfile.mkdtemp(prefix="charrnn-resume-")))
+        return storage.local_dir(storage.join(self.run_uri, self.entries[-1]["name"]),
+                                 prefix="charrnn-resume-")
 
 
 class RayBackend(Backend):
@@ -170,9 +168,7 @@ class RayBackend(Backend):
         if ckpt is None:
             if self.start_from is None:
                 return None
-            local = storage.local_path(self.start_from)
-            return local if local is not None else storage.download_dir(
-                self.start_from, Path(tempfile.mkdtemp(prefix="charrnn-resume-")))
+            return storage.local_dir(self.start_from, prefix="charrnn-resume-")
         tmp = Path(tempfile.mkdtemp(prefix="charrnn-resume-"))
         shutil.rmtree(tmp)
         return Path(ckpt.to_directory(str(tmp)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -161,6 +162,15 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     except OSError as e:
         raise _wrap(uri, e) from None
     return Path(local_dir)
+
+
+def local_dir(uri: str, prefix: str = "charrnn-") -> Path:
+    """A local directory holding the files of directory `uri`: the path itself when it is
+    local, else a fresh download into a new temporary directory."""
+    local = local_path(uri)
+    if local is not None:
+        return local
+    return download_dir(uri, tempfile.mkdtemp(prefix=prefix))
 
 
 def delete_dir(uri: str) -> None:
