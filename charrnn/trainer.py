@@ -50,17 +50,17 @@ def fit(cfg: Config) -> str:
     cfg = cfg.replace(run=dataclasses.replace(
         cfg.run, s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
     cfg, vocab, ids = prepare(cfg)
-    ray_mode = cfg.scaling.workers > 0
-    with run_lock(run_uri(cfg), cfg.run.name):
-        loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": run_uri(cfg),
-                       "start_from": resume_point(run_uri(cfg), cfg.run.name, ray_mode)}
+    ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)
+    with run_lock(uri, cfg.run.name):
+        loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": uri,
+                       "start_from": resume_point(uri, cfg.run.name, ray_mode)}
         if not ray_mode:
             print(f"local mode: corpus {cfg.data.corpus} ({len(ids):,} chars, vocab {len(vocab)})",
                   flush=True)
             train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})
         else:
             _fit_ray(cfg, ids, loop_config)
-    winner = storage.join(run_uri(cfg), WINNER)
+    winner = storage.join(uri, WINNER)
     if not storage.exists(winner):
         raise CharrnnError(f"training finished without a winner manifest at {winner}")
     return winner
