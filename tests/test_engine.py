@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from charrnn.engine import DONE, Engine
+from charrnn.engine import DONE, Engine, _Group
 from charrnn.generate import SampleParams, generate
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.vocab import Vocab
@@ -66,8 +66,11 @@ def test_whole_text_groups_get_one_emit_and_match_streaming(model):
     done = [threading.Event() for _ in groups]
     with engine._lock:  # queue all three before the engine thread looks: one join
         for k, (prompts, params) in enumerate(groups):
-            engine._pending.append((prompts, params, lambda x, k=k: (events[k].append(x),
-                                    done[k].set() if x is DONE else None), None, None))
+            def emit(x, k=k):
+                events[k].append(x)
+                if x is DONE:
+                    done[k].set()
+            engine._pending.append((prompts, params, _Group(emit, None, len(prompts))))
         engine._thread = threading.Thread(target=engine._run, daemon=True)
         engine._thread.start()
     for k, (prompts, params) in enumerate(groups):
