@@ -9,6 +9,7 @@ used alike in YAML, in `--set key=value` overrides and in the docs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,11 +44,12 @@ class DataConfig:
     """The last fraction of the text held out for validation (split contiguously)."""
 
     def __post_init__(self):
-        _check(self.seq_len >= 1, "data.seq_len must be >= 1")
-        _check(1 <= self.stride, "data.stride must be >= 1")
-        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
-        _check(self.min_char_count >= 0, "data.min_char_count must be >= 0")
-        _check(self.decode_errors in ("strict", "replace"), "data.decode_errors must be strict|replace")
+        _want(self, "data.seq_len", self.seq_len >= 1, ">= 1")
+        _want(self, "data.stride", self.stride >= 1, ">= 1")
+        _want(self, "data.val_fraction", 0.0 < self.val_fraction < 0.5, "in (0, 0.5)")
+        _want(self, "data.min_char_count", self.min_char_count >= 0, ">= 0")
+        _want(self, "data.decode_errors", self.decode_errors in ("strict", "replace"),
+              "strict or replace")
 
 
 @dataclass
@@ -84,15 +86,20 @@ class TrainConfig:
     """Validation scores at most this many held-out characters (0: all of them)."""
 
     def __post_init__(self):
-        _check(self.epochs >= 1, "train.epochs must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(self.lr > 0, "train.lr must be > 0")
-        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
-        _check(self.warmup_steps >= 0 and self.grad_clip >= 0, "train.warmup_steps/grad_clip >= 0")
-        _check(self.max_minutes >= 0, "train.max_minutes must be >= 0")
-        _check(self.precision in ("auto", "bf16", "fp32"), "train.precision must be auto|bf16|fp32")
-        _check(self.threads >= 0 and self.sample_chars >= 0, "train.threads/sample_chars >= 0")
-        _check(self.eval_max_chars >= 0, "train.eval_max_chars must be >= 0")
+        _want(self, "train.epochs", self.epochs >= 1, ">= 1")
+        _want(self, "train.batch_size", self.batch_size >= 1, ">= 1")
+        _want(self, "train.lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        _want(self, "train.min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _want(self, "train.warmup_steps", self.warmup_steps >= 0, ">= 0")
+        _want(self, "train.weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+              "a finite number >= 0")
+        _want(self, "train.grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")
+        _want(self, "train.max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)")
+        _want(self, "train.precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
+        _want(self, "train.threads", self.threads >= 0, ">= 0 (0: the worker's CPU share)")
+        _want(self, "train.log_every_steps", self.log_every_steps >= 0, ">= 0 (0 disables)")
+        _want(self, "train.sample_chars", self.sample_chars >= 0, ">= 0")
+        _want(self, "train.eval_max_chars", self.eval_max_chars >= 0, ">= 0 (0: all)")
 
 
 @dataclass
@@ -113,11 +120,11 @@ class RunConfig:
     """Worker-group restarts Ray Train may make after failures (Ray mode)."""
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name, "run.name must be non-empty, without '/'")
-        _check(bool(self.storage), "run.storage must be set")
-        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
-        _check(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0")
-        _check(self.max_failures >= -1, "run.max_failures must be >= -1 (-1: unlimited)")
+        _want(self, "run.name", bool(self.name) and "/" not in self.name, "non-empty, without '/'")
+        _want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
+        _want(self, "run.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")
+        _want(self, "run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, ">= 0 (0: per epoch)")
+        _want(self, "run.max_failures", self.max_failures >= -1, ">= -1 (-1: unlimited)")
 
 
 @dataclass
@@ -130,10 +137,10 @@ class ScalingConfig:
     """CPUs reserved per worker: below 1 on small machines, so Ray Data keeps CPU to run on."""
 
     def __post_init__(self):
-        _check(self.workers >= 0, "scaling.workers must be >= 0")
-        _check(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-               "scaling.gpus_per_worker must be >= 0")
-        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0")
+        _want(self, "scaling.workers", self.workers >= 0, ">= 0 (0: local mode)")
+        _want(self, "scaling.gpus_per_worker", self.gpus_per_worker is None or self.gpus_per_worker >= 0,
+              ">= 0 or unset")
+        _want(self, "scaling.cpus_per_worker", self.cpus_per_worker > 0, "> 0")
 
 
 @dataclass
@@ -162,6 +169,12 @@ class Config:
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)  # `from_dict` turns it into a ConfigError
+
+
+def _want(obj: Any, dotted: str, ok: bool, what: str) -> None:
+    """Fail with `<dotted> must be <what>, got <value>`: one field per message, its value shown."""
+    if not ok:
+        raise ValueError(f"{dotted} must be {what}, got {getattr(obj, dotted.rsplit('.', 1)[1])!r}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -286,14 +299,16 @@ class ServeConfig:
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
-        _check(self.watch_interval_s >= 0, "serve.watch_interval_s must be >= 0")
-        _check(self.max_batch_size >= 1 and self.max_prompts >= 1, "serve batch/prompt limits >= 1")
-        _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
-        _check(self.max_chars_limit >= 1 and self.max_prompt_chars >= 1, "serve limits must be >= 1")
-        _check(self.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
-        _check(self.device in ("auto", "cpu", "cuda"), "serve.device must be auto|cpu|cuda")
-        _check(self.precision in ("fp32", "bf16"), "serve.precision must be fp32|bf16")
-        _check(self.threads >= 0, "serve.threads must be >= 0")
+        _want(self, "serve.watch_interval_s", self.watch_interval_s >= 0, ">= 0 (0: never)")
+        _want(self, "serve.max_batch_size", self.max_batch_size >= 1, ">= 1")
+        _want(self, "serve.batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0")
+        _want(self, "serve.max_chars_limit", self.max_chars_limit >= 1, ">= 1")
+        _want(self, "serve.max_prompts", self.max_prompts >= 1, ">= 1")
+        _want(self, "serve.max_prompt_chars", self.max_prompt_chars >= 1, ">= 1")
+        _want(self, "serve.max_body_bytes", self.max_body_bytes >= 1024, ">= 1024")
+        _want(self, "serve.device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
+        _want(self, "serve.precision", self.precision in ("fp32", "bf16"), "fp32 or bf16")
+        _want(self, "serve.threads", self.threads >= 0, ">= 0 (0: the replica's num_cpus)")
 
 
 def serve_config_from_args(args: dict) -> ServeConfig:

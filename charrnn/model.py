@@ -35,12 +35,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.cell not in ("lstm", "gru"):
             raise ValueError(f"model.cell must be lstm or gru, got {self.cell!r}")
-        if self.vocab_size < 0 or self.embedding_dim < 1 or self.hidden_size < 1:
-            raise ValueError("model.vocab_size must be >= 0 and model sizes >= 1")
-        if self.num_layers < 1:
-            raise ValueError("model.num_layers must be >= 1")
+        if self.vocab_size < 0:
+            raise ValueError(f"model.vocab_size must be >= 0 (0: set from the corpus), got {self.vocab_size}")
+        for name in ("embedding_dim", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("model.dropout must be in [0, 1)")
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 class CharRNN(nn.Module):

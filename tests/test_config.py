@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from charrnn.config import Config, load_config
+from charrnn.config import Config, load_config, serve_config_from_args
 from charrnn.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -36,6 +36,16 @@ def test_overrides_are_typed():
     ("data.lowercase=3", "expected bool"),
     ("model.cell=transformer", "lstm or gru"),
     ("data.val_fraction=0.9", "val_fraction"),
+    # one field per message, with the value the user gave
+    ("model.hidden_size=-1", r"model.hidden_size must be >= 1, got -1"),
+    ("model.num_layers=0", r"model.num_layers must be >= 1, got 0"),
+    ("train.grad_clip=-1", r"train.grad_clip must be >= 0 .*got -1.0"),
+    ("train.lr=.inf", r"train.lr must be a finite number > 0, got inf"),
+    ("train.lr=.nan", r"train.lr must be a finite number > 0, got nan"),
+    ("train.sample_chars=-3", r"train.sample_chars must be >= 0, got -3"),
+    ("train.log_every_steps=-1", r"train.log_every_steps must be >= 0"),
+    ("train.precision=fp16", r"train.precision must be auto, bf16 or fp32, got 'fp16'"),
+    ("scaling.workers=-2", r"scaling.workers must be >= 0 .*got -2"),
     ("noequals", "key=value"),
 ])
 def test_bad_overrides_are_errors(override, match):
@@ -50,3 +60,14 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"checkpoint": "x", "max_prompts": "0"}, r"serve.max_prompts must be >= 1, got 0"),
+    ({"checkpoint": "x", "max_prompt_chars": 0}, r"serve.max_prompt_chars must be >= 1, got 0"),
+    ({"checkpoint": "x", "precision": "fp16"}, r"serve.precision must be fp32 or bf16, got 'fp16'"),
+    ({}, r"checkpoint"),
+])
+def test_bad_serve_args_name_the_field(args, match):
+    with pytest.raises(ConfigError, match=match):
+        serve_config_from_args(args)
