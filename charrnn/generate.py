@@ -11,6 +11,7 @@ Each row has its own temperature / top-k / top-p / greedy settings and its own r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,20 @@ import torch.nn.functional as F
 
 from charrnn.model import CharRNN
 from charrnn.vocab import Vocab
+
+
+class SampleParamError(ValueError):
+    """A bad decoding setting. `field` and `alternative` are SampleParams field names, so each
+    front end words the message in its own names (`--max-chars`, `max_chars`) via `message`."""
+
+    def __init__(self, field: str, rule: str, alternative: str | None = None):
+        self.field, self.rule, self.alternative = field, rule, alternative
+        super().__init__(self.message())
+
+    def message(self, names: dict[str, str] | None = None) -> str:
+        name = (names or {}).get
+        alt = f" (or use {name(self.alternative, self.alternative)})" if self.alternative else ""
+        return f"{name(self.field, self.field)} {self.rule}{alt}"
 
 
 @dataclass
@@ -41,13 +56,13 @@ class SampleParams:
 
     def __post_init__(self):
         if self.max_new_chars < 0:
-            raise ValueError("max_new_chars must be >= 0")
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError("temperature must be > 0 (or use greedy decoding)")
+            raise SampleParamError("max_new_chars", "must be >= 0")
+        if not self.greedy and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SampleParamError("temperature", "must be a finite number > 0", "greedy")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 1 (or 0 to disable)")
+            raise SampleParamError("top_k", "must be >= 1 (or 0 to disable)")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise SampleParamError("top_p", "must be in (0, 1]")
 
 
 class Stepper:

@@ -33,7 +33,7 @@ from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
-from charrnn.generate import Generator, SampleParams
+from charrnn.generate import Generator, SampleParamError, SampleParams
 
 log = logging.getLogger("ray.serve")
 bind_serve_grpc_to_node_ip()  # in the replica, before its gRPC server starts (binding.py)
@@ -243,6 +243,8 @@ class CharRNNServer:
                                   seed=req.seed)
             gen = self.current
             clean = gen.prepare(prompts, req.oov)
+        except SampleParamError as e:  # named as in the request body
+            raise HTTPError(422, e.message({"max_new_chars": "max_chars"})) from None
         except (ValueError, CharrnnError) as e:
             raise HTTPError(422, str(e)) from None
         return [Row(p, rp) for p, rp in zip(clean, Generator.row_params(params, len(clean)))], req

@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from charrnn.cli import run_cli  # noqa: E402
 from charrnn.errors import CharrnnError  # noqa: E402
 
-# SampleParams fields -> the flags that set them (for error messages)
+# SampleParams fields -> the flags that set them (errors name what the user typed)
 FLAGS = {"max_new_chars": "--max-chars", "temperature": "--temperature", "top_k": "--top-k",
-         "top_p": "--top-p", "greedy decoding": "--greedy"}
+         "top_p": "--top-p", "greedy": "--greedy", "seed": "--seed"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,23 +55,27 @@ def read_prompts(args) -> list[str]:
     if args.prompts_file:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+                from_file = [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}") from None
+        except UnicodeDecodeError as e:
+            raise CharrnnError(f"--prompts-file {args.prompts_file} is not UTF-8 text "
+                               f"(byte offset {e.start})") from None
+        if not from_file:
+            raise CharrnnError(f"--prompts-file {args.prompts_file} has no prompts "
+                               "(one per line; blank lines are skipped)")
+        prompts += from_file
     return prompts
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from charrnn.generate import SampleParams
+    from charrnn.generate import SampleParamError, SampleParams
     try:
         params = SampleParams(max_new_chars=args.max_chars, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
-    except ValueError as e:  # named by its flag, as the user typed it
-        msg = str(e)
-        for field, flag in FLAGS.items():
-            msg = msg.replace(field, flag)
-        raise CharrnnError(msg) from None
+    except SampleParamError as e:
+        raise CharrnnError(e.message(FLAGS)) from None
     prompts = read_prompts(args)
     if args.serve_url:
         if args.random_prompt or not prompts:

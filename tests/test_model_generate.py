@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from charrnn.generate import SampleParams, generate, sample_ids
+from charrnn.generate import SampleParamError, SampleParams, generate, sample_ids
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.vocab import Vocab
 
@@ -106,3 +106,15 @@ def test_bad_sample_params(kw, match):
     with pytest.raises(ValueError, match=match):
         SampleParams(**kw)
     SampleParams(temperature=0, greedy=True)  # greedy needs no temperature
+
+
+def test_sample_param_errors_speak_the_callers_names():
+    with pytest.raises(SampleParamError) as e:
+        SampleParams(temperature=float("inf"))
+    assert str(e.value) == "temperature must be a finite number > 0 (or use greedy)"
+    assert e.value.message({"temperature": "--temperature", "greedy": "--greedy"}) == \
+        "--temperature must be a finite number > 0 (or use --greedy)"
+    with pytest.raises(SampleParamError) as e:
+        SampleParams(max_new_chars=-1)
+    assert e.value.field == "max_new_chars"
+    assert e.value.message({"max_new_chars": "max_chars"}) == "max_chars must be >= 0"

@@ -195,10 +195,19 @@ def test_generate_cli_errors(tiny_run, tmp_path):
     ok = run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa", "--oov", "drop",
                  "--max-chars", "5")
     assert ok.returncode == 0 and ok.stdout.startswith("Ωa")
-    assert "--temperature must be > 0" in _error_line(run_job(
+    assert "--temperature must be a finite number > 0" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
     assert "--max-chars must be >= 0" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
+    assert "(or use --greedy)" in _error_line(run_job(
+        "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "nan"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert "has no prompts" in _error_line(run_job("generate.py", "--checkpoint", run,
+                                                    "--prompts-file", str(blank)))
+    blank.write_bytes(b"ab\xff\n")
+    assert "not UTF-8 text (byte offset 2)" in _error_line(run_job(
+        "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
     assert "does not exist" in _error_line(run_job("generate.py", "--checkpoint",
                                                    str(tmp_path / "nope"), "--prompt", "a"))
     assert "prompts-file" in _error_line(run_job("generate.py", "--checkpoint", run,
