@@ -41,10 +41,18 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
     if source.startswith("s3://"):
         from charrnn import storage  # S3 only when asked for
         return storage.read_bytes(source)
-    path = Path(source).expanduser()
+    if "://" in source and not source.startswith("file://"):
+        raise CorpusError(f"--corpus {source}: unsupported scheme; use a local path, s3://bucket/key, "
+                          "an http(s):// URL or gutenberg:<id>")
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        raise CorpusError(f"--corpus {source} is a directory; give the text file inside it")
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {source}")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus {source}: {e.strerror}") from None
 
 
 def _cached_download(url: str, cache: Path) -> bytes:

@@ -63,7 +63,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         if not path:
             raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
         return s3_filesystem(), path
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), str(local_path(uri))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -184,15 +184,24 @@ def delete_dir(uri: str) -> None:
 
 
 def local_path(uri: str) -> Path | None:
-    """The local path of a non-S3 URI (None for S3)."""
-    return None if is_s3(uri) else Path(uri).expanduser().resolve()
+    """The local path of a non-S3 URI (None for S3). `file://` is local; any other scheme is an
+    error, so `gs://b/x` never becomes a directory named `gs:` under the working directory."""
+    if is_s3(uri):
+        return None
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    elif "://" in uri:
+        raise StorageError(f"{uri}: unsupported storage scheme {uri.split('://', 1)[0]}://; use a "
+                           "local path or s3://bucket/prefix (MinIO, Ceph and other S3-compatible "
+                           "stores through AWS_ENDPOINT_URL)")
+    return Path(uri).expanduser().resolve()
 
 
 def check_storage(uri: str) -> None:
     """Fail fast, before training, when the storage cannot be written: missing bucket, wrong
     credentials or an unreachable endpoint each get a one-line error instead of a hang."""
     if not is_s3(uri):
-        p = Path(uri).expanduser()
+        p = local_path(uri)
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -5,9 +5,9 @@ import pickle
 import pytest
 import torch
 
-from charrnn import checkpoint
+from charrnn import checkpoint, storage
 from charrnn.config import Config
-from charrnn.errors import CheckpointError
+from charrnn.errors import CheckpointError, StorageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.vocab import Vocab
 
@@ -102,3 +102,15 @@ def test_a_failed_local_upload_leaves_nothing_behind(saved, tmp_path, monkeypatc
         storage.upload_dir(src, str(dst))
     assert sorted(p.name for p in dst.parent.iterdir()) == ["checkpoint_00000001"]
     assert (dst / "model.pt").read_bytes() == before
+
+
+def test_storage_uris_other_than_local_or_s3_are_refused(saved, tmp_path, monkeypatch):
+    d, _, cfg, _ = saved
+    assert checkpoint.load(f"file://{d}").config == cfg  # file:// is a local path
+    monkeypatch.chdir(tmp_path)
+    for uri in ("gs://bucket/runs", "http://host/ckpt", "s3a://bucket/x"):
+        with pytest.raises(StorageError, match="unsupported storage scheme .*s3://bucket/prefix"):
+            storage.check_storage(uri)
+        with pytest.raises(StorageError, match="unsupported storage scheme"):
+            checkpoint.load(uri)
+    assert not list(tmp_path.glob("*:"))  # no directory named `gs:` was made

@@ -39,6 +39,12 @@ def test_real_corpus_facts(corpus_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CorpusError, match="corpus file not found"):
         corpus.load_text(DataConfig(corpus=str(tmp_path / "nope.txt")))
+    with pytest.raises(CorpusError, match="is a directory"):
+        corpus.load_text(DataConfig(corpus=str(tmp_path)))
+    with pytest.raises(CorpusError, match="unsupported scheme; use a local path, s3://"):
+        corpus.load_text(DataConfig(corpus="gs://bucket/book.txt"))
+    (tmp_path / "book.txt").write_text("hello there\n")
+    assert corpus.fetch_bytes(f"file://{tmp_path}/book.txt") == b"hello there\n"
 
 
 def test_empty_after_cleaning(tmp_path):
