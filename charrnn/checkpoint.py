@@ -78,7 +78,8 @@ def _torch_load(path: Path) -> Any:
             f"refusing to load {path.name}: it holds pickled objects other than tensors and "
             f"plain data, which could run code ({str(e).splitlines()[0][:160]})") from None
     except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({e})") from None
+        detail = str(e).split(". ")[0]  # torch appends a paragraph of advice
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({detail})") from None
 
 
 def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu") -> Loaded:
@@ -87,18 +88,40 @@ def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu") -> L
     missing = [f for f in FILES if not (d / f).is_file()]
     if missing:
         raise CheckpointError(f"{uri or d}: incomplete checkpoint, missing {', '.join(missing)}")
-    try:
-        config = Config.from_dict(json.loads((d / "config.json").read_text()))
-        vocab = Vocab.from_dict(json.loads((d / "vocab.json").read_text()))
-        meta = json.loads((d / "meta.json").read_text())
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{uri or d}: corrupt checkpoint metadata ({e})") from None
+    where = uri or str(d)
+    config = _read_json(d, "config.json", where, Config.from_dict)
+    vocab = _read_json(d, "vocab.json", where, Vocab.from_dict)
+    meta = _read_json(d, "meta.json", where, _mapping)
     if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{uri or d}: checkpoint format {meta.get('format')} is not "
+        raise CheckpointError(f"{where}: checkpoint format {meta.get('format')} is not "
                               f"supported (expected {FORMAT_VERSION})")
+    if len(vocab) != config.model.vocab_size:
+        raise CheckpointError(f"{where}: vocab.json has {len(vocab)} characters but config.json's "
+                              f"model.vocab_size is {config.model.vocab_size}; the files are from "
+                              "different checkpoints")
     model = CharRNN(config.model)
-    model.load_state_dict(_torch_load(d / "model.pt"))
-    return Loaded(model.to(device).eval(), config, vocab, meta, uri or str(d), d)
+    try:
+        model.load_state_dict(_torch_load(d / "model.pt"))
+    except (RuntimeError, TypeError) as e:  # not a state dict, or shapes and names config.json lacks
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
+        raise CheckpointError(f"{where}: model.pt does not match config.json's model "
+                              f"({first[0]})") from None
+    return Loaded(model.to(device).eval(), config, vocab, meta, where, d)
+
+
+def _mapping(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_json(d: Path, name: str, where: str, build: Any) -> Any:
+    """Parse one metadata file of a checkpoint; anything unreadable names the file."""
+    try:
+        return build(json.loads((d / name).read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, CharrnnError) as e:
+        raise CheckpointError(f"{where}: corrupt checkpoint metadata in {name} "
+                              f"({str(e) or type(e).__name__})") from None
 
 
 def load_train_state(loaded: Loaded) -> dict:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charrnn import storage
+from charrnn import runlog, storage
+from charrnn.checkpoint import FILES
 from charrnn.data import local_index_batches
 from charrnn.errors import CharrnnError
 
@@ -46,9 +47,33 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
                 f"run {run_name!r} was trained by Ray Train workers: continue it with --workers N "
                 "(N >= 1), or start a new run with another --name")
         return None
-    index = storage.join(run_uri, KEEPER_INDEX)
-    entries = json.loads(storage.read_text(index)) if storage.exists(index) else []
+    entries = keeper_entries(run_uri)
     return storage.join(run_uri, entries[-1]["name"]) if entries else None
+
+
+def keeper_entries(run_uri: str) -> list[dict]:
+    """The local keeper's index of a run, without entries whose checkpoint is not complete in
+    storage (a directory someone removed, say, after its file was damaged): resuming then starts
+    from the latest checkpoint that is there, and the next save rewrites the index."""
+    index = storage.join(run_uri, KEEPER_INDEX)
+    if not storage.exists(index):
+        return []
+    try:
+        entries = json.loads(storage.read_text(index))
+        names = [e["name"] for e in entries]
+    except (ValueError, TypeError, KeyError):
+        raise CharrnnError(f"{index}: not a checkpoint index; it is written by charrnn, "
+                           "restore it or start a new run with another --name") from None
+    complete = []
+    for e, name in zip(entries, names):
+        ckpt = storage.join(run_uri, name)
+        missing = [f for f in FILES if not storage.exists(storage.join(ckpt, f))]
+        if missing:
+            runlog.say(f"warning: skipping {ckpt} listed in {KEEPER_INDEX}: missing "
+                       f"{', '.join(missing)}")
+        else:
+            complete.append(e)
+    return complete
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,9 +116,7 @@ class LocalBackend(Backend):
         self.run_uri = run_uri
         self.keep = keep
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        index = storage.join(run_uri, KEEPER_INDEX)
-        self.entries: list[dict] = (json.loads(storage.read_text(index))
-                                    if storage.exists(index) else [])
+        self.entries: list[dict] = keeper_entries(run_uri)
 
     def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
         return local_index_batches(num_windows, batch_size)

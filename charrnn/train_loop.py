@@ -103,7 +103,15 @@ class Trainer:
 
     # ----- state ------------------------------------------------------------------------
     def _restore(self, model: CharRNN, directory: Path) -> None:
-        loaded = checkpoint.load_dir(directory)
+        try:
+            loaded = checkpoint.load_dir(directory)
+            state = checkpoint.load_train_state(loaded)
+        except checkpoint.CheckpointError as e:
+            if not isinstance(self.b, LocalBackend):
+                raise
+            raise checkpoint.CheckpointError(
+                f"cannot resume run {self.cfg.run.name!r}: {e}; to resume from the checkpoint "
+                "before it, move this one out of the run directory") from None
         if loaded.vocab != self.vocab or loaded.config.model != self.cfg.model:
             raise checkpoint.CheckpointError(
                 f"run {self.cfg.run.name!r} already holds a checkpoint of a different model or "
@@ -115,7 +123,6 @@ class Trainer:
                 "its cleaning, data.val_fraction or train.eval_max_chars changed); use another "
                 "--name to start a new run")
         model.load_state_dict(loaded.model.state_dict())
-        state = checkpoint.load_train_state(loaded)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

@@ -114,3 +114,29 @@ def test_storage_uris_other_than_local_or_s3_are_refused(saved, tmp_path, monkey
         with pytest.raises(StorageError, match="unsupported storage scheme"):
             checkpoint.load(uri)
     assert not list(tmp_path.glob("*:"))  # no directory named `gs:` was made
+
+
+def _tamper(d, name, edit):
+    if name.endswith(".json"):
+        (d / name).write_text(json.dumps(edit(json.loads((d / name).read_text()))))
+    else:
+        edit(d / name)
+
+
+@pytest.mark.parametrize("name,edit,match", [
+    ("vocab.json", lambda v: {"chars": "ab"}, "vocab.json has 2 characters but config.json"),
+    ("vocab.json", lambda v: {"chars": 5}, "corrupt checkpoint metadata in vocab.json"),
+    ("meta.json", lambda m: [1, 2], "meta.json .*expected a JSON object, got list"),
+    ("config.json", lambda c: {**c, "model": {**c["model"], "hidden_size": 16}},
+     "model.pt does not match config.json's model .*size mismatch"),
+    ("config.json", lambda c: {**c, "model": {**c["model"], "bogus": 1}},
+     "config.json .*unknown config key model.bogus"),
+    ("model.pt", lambda p: torch.save([1, 2], p), "model.pt does not match .*dict-like"),
+    ("model.pt", lambda p: p.write_bytes(p.read_bytes()[:50]),
+     r"model.pt: not a readable checkpoint file \(PytorchStreamReader failed[^.]*\)$"),
+])
+def test_damaged_checkpoint_files_get_one_line_errors(saved, tmp_path, name, edit, match):
+    d, *_ = saved
+    _tamper(d, name, edit)
+    with pytest.raises(CheckpointError, match=match):
+        checkpoint.load(str(d))

@@ -89,6 +89,25 @@ def test_resuming_on_other_held_out_text_is_refused(corpus_path, tmp_path):
     assert [m["step"] for m in json.loads((tmp_path / "v" / "metrics.json").read_text())] == [127, 254]
 
 
+def test_a_damaged_latest_checkpoint_is_named_and_can_be_moved_aside(corpus_path, tmp_path):
+    """A damaged file in the latest checkpoint stops the resume with one line that says what to
+    do; once that checkpoint is moved out, the run resumes from the one before it."""
+    from charrnn.errors import CharrnnError
+    fit(_cfg(corpus_path, tmp_path, "d", "train.epochs=2", "run.keep_checkpoints=2"))
+    run = tmp_path / "d"
+    state = run / "checkpoint_00000254" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CharrnnError, match=r"cannot resume run 'd': .*train_state.pt: not a "
+                                           r"readable checkpoint file .*move this one out"):
+        fit(_cfg(corpus_path, tmp_path, "d", "train.epochs=3"))
+    (run / "checkpoint_00000254").rename(tmp_path / "aside")
+    fit(_cfg(corpus_path, tmp_path, "d", "train.epochs=3"))
+    history = json.loads((run / "metrics.json").read_text())
+    assert [m["step"] for m in history] == [127, 254, 381]  # 254 trained again from 127
+    assert [e["name"] for e in json.loads((run / "checkpoints.json").read_text())] == [
+        "checkpoint_00000254", "checkpoint_00000381"]
+
+
 def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, monkeypatch):
     cfg = _cfg(corpus_path, tmp_path, "c", "train.epochs=1")
     real_step = Trainer._train_step
