@@ -263,6 +263,12 @@ def test_a_run_moves_from_local_mode_to_ray_train_never_back(tmp_path):
                                                  "step": 10},
                                                 {"name": "checkpoint_00000020", "val_loss": 2.1,
                                                  "step": 20}]))
+    assert resume_point(str(run), "r", ray_mode=True) is None  # listed, but nothing stored
+    from charrnn.checkpoint import FILES
+    for name in ("checkpoint_00000010", "checkpoint_00000020"):
+        (run / name).mkdir()
+        for f in FILES:
+            (run / name / f).write_text("")
     assert resume_point(str(run), "r", ray_mode=True) == f"{run}/checkpoint_00000020"
     assert resume_point(str(run), "r", ray_mode=False) is None  # the keeper resumes itself
     (run / RAY_SNAPSHOT).write_text("{}")
