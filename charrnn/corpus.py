@@ -7,6 +7,7 @@ START/END marker lines; CRLF and CR become LF; the text is lower-cased by defaul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -58,6 +59,8 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
 def _cached_download(url: str, cache: Path) -> bytes:
     if cache.is_file():
         return cache.read_bytes()
+    from charrnn import runlog
+    runlog.say(f"downloading {url} (cached as {cache})")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
             data = r.read()
@@ -65,10 +68,16 @@ def _cached_download(url: str, cache: Path) -> bytes:
         reason = getattr(e, "reason", e)
         raise CorpusError(f"cannot download {url} ({reason}); if this machine is offline, "
                           "pass --corpus PATH to a local copy of the text") from None
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(cache)  # atomic: a half-written download is never reused
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(cache)  # atomic: a half-written download is never reused
+    except OSError as e:  # a read-only or full cache costs the reuse, not the run
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        runlog.say(f"warning: cannot cache the download in {cache.parent} ({e.strerror}); "
+                   "set data.cache_dir to reuse it")
     return data
 
 

@@ -13,11 +13,12 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
 
-from charrnn import corpus, storage
+from charrnn import corpus, runlog, storage
 from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
@@ -33,10 +34,13 @@ def run_uri(cfg: Config) -> str:
 
 def prepare(cfg: Config) -> tuple[Config, Vocab, np.ndarray]:
     """Corpus -> (config with model.vocab_size set, vocabulary, ids). Fails early on bad data."""
+    t0 = time.monotonic()
     text = corpus.load_text(cfg.data)
     vocab = Vocab.from_text(text)
     ids = vocab.encode(text)
     split_corpus(ids, cfg.data)  # raises a CorpusError when the text is too short
+    runlog.say(f"corpus {cfg.data.corpus}: {len(ids):,} characters after cleaning, vocabulary "
+               f"{len(vocab)} (read in {time.monotonic() - t0:.1f} s)")
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=len(vocab)))
     return cfg, vocab, ids
 
@@ -55,8 +59,7 @@ def fit(cfg: Config) -> str:
         loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": uri,
                        "start_from": resume_point(uri, cfg.run.name, ray_mode)}
         if not ray_mode:
-            print(f"local mode: corpus {cfg.data.corpus} ({len(ids):,} chars, vocab {len(vocab)})",
-                  flush=True)
+            runlog.say("local mode: training in this process (--workers N for Ray Train)")
             train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})
         else:
             _fit_ray(cfg, ids, loop_config)

@@ -102,3 +102,14 @@ def test_gutenberg_download_is_cached(tmp_path, http_server, monkeypatch):
     assert (tmp_path / "cache/gutenberg/pg11.txt").is_file()
     url_cfg = DataConfig(corpus=base + "/cache/epub/11/pg11.txt", cache_dir=str(tmp_path / "c2"))
     assert corpus.load_text(url_cfg) == "alice was\nhere.\ndone\n"
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_reuse(tmp_path, http_server, capsys):
+    base, hits = http_server
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = DataConfig(corpus=base + "/cache/epub/11/pg11.txt", cache_dir=str(blocker / "cache"))
+    assert corpus.load_text(cfg) == "alice was\nhere.\ndone\n"
+    out = capsys.readouterr().out
+    assert "downloading " + base in out and "warning: cannot cache the download" in out
+    assert blocker.read_text() == "not a directory"
