@@ -63,6 +63,8 @@ class SampleParams:
             raise SampleParamError("top_k", "must be >= 1 (or 0 to disable)")
         if not 0 < self.top_p <= 1:
             raise SampleParamError("top_p", "must be in (0, 1]")
+        if self.seed is not None and self.seed < 0:
+            raise SampleParamError("seed", "must be >= 0")
 
 
 class Stepper:

@@ -49,7 +49,7 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, description="sample among the k likeliest")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     greedy: bool = Field(False, description="argmax decoding")
-    seed: int | None = Field(None, description="prompt i uses seed + i")
+    seed: int | None = Field(None, ge=0, description="prompt i uses seed + i")
     oov: Literal["error", "drop", "replace"] = Field("error", description="unknown characters")
 
 

@@ -101,7 +101,8 @@ def test_top_k_restricts_the_support(model):
 
 @pytest.mark.parametrize("kw,match", [
     ({"temperature": 0}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"), ({"max_new_chars": -1}, "max_new_chars")])
+    ({"top_k": -1}, "top_k"), ({"max_new_chars": -1}, "max_new_chars"),
+    ({"seed": -1}, "seed must be >= 0")])
 def test_bad_sample_params(kw, match):
     with pytest.raises(ValueError, match=match):
         SampleParams(**kw)

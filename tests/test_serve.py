@@ -124,6 +124,9 @@ def test_streaming(app):
     (b'{"prompt": "a", "top_p": 1.5}', 422, "top_p"),
     (b'{"prompt": "a", "top_k": 0}', 422, "top_k"),
     (b'{"prompt": "a", "max_chars": "many"}', 422, "max_chars"),
+    (b'{"prompt": "a", "seed": -1}', 422, "seed"),
+    (b'{"prompt": "a", "temperature": NaN}', 422, "temperature must be a finite number"),
+    (b'{"prompt": "a", "temperature": Infinity}', 422, "temperature must be a finite number"),
     (json.dumps({"prompts": ["a"] * 9}).encode(), 422, "at most 8"),
     (json.dumps({"prompt": "a" * 5000}).encode(), 413, "larger than 4096"),
 ])

@@ -218,6 +218,8 @@ def test_generate_cli_errors(tiny_run, tmp_path):
         "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
     assert "--max-chars must be >= 0" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
+    assert "--seed must be >= 0" in _error_line(run_job(
+        "generate.py", "--checkpoint", run, "--prompt", "a", "--seed", "-1"))
     assert "(or use --greedy)" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "nan"))
     blank = tmp_path / "blank.txt"
