@@ -125,6 +125,7 @@ class Trainer:
         model.load_state_dict(loaded.model.state_dict())
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        self._apply_optimizer_settings()
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.b.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.b.device)
@@ -136,6 +137,23 @@ class Trainer:
         if self.b.is_writer:
             runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
                        f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
+            old, new = loaded.config.to_dict(), self.cfg.to_dict()
+            changed = [f"{sec}.{k} {old[sec].get(k)!r} -> {v!r}" for sec in ("train", "run")
+                       for k, v in new[sec].items() if old.get(sec, {}).get(k) != v]
+            if changed:
+                runlog.say("  changed since that checkpoint: " + ", ".join(changed))
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's `train.lr` and `train.weight_decay` win over the ones stored in a resumed
+        optimizer and scheduler: changing them is how a user continues a run that diverged or
+        stalled. The LR schedule's position (its step) is kept."""
+        t = self.cfg.train
+        for g in self.opt.param_groups:
+            g["initial_lr"], g["weight_decay"] = t.lr, t.weight_decay
+        self.sched.base_lrs = [t.lr] * len(self.opt.param_groups)
+        factor = self.sched.lr_lambdas[0](self.sched.last_epoch)
+        for g in self.opt.param_groups:
+            g["lr"] = t.lr * factor
 
     def _eta(self) -> float:
         """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""

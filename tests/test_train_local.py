@@ -77,6 +77,25 @@ def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
     assert history[1]["val_loss"] < history[0]["val_loss"]
 
 
+def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, capsys):
+    """Lowering train.lr is how a user continues a run that diverged: the optimizer state that
+    is restored (moments, step) must not bring the old LR or weight decay back with it."""
+    from charrnn.train_loop import lr_factor
+    fit(_cfg(corpus_path, tmp_path, "h", "train.epochs=1"))
+    cfg, vocab, ids = prepare(_cfg(corpus_path, tmp_path, "h", "train.epochs=2", "train.lr=0.001",
+                                   "train.weight_decay=0.05"))
+    t = Trainer(cfg, vocab, ids, LocalBackend(str(tmp_path / "h"), 2))
+    assert "changed since that checkpoint: train.epochs 1 -> 2, train.lr 0.01 -> 0.001, " \
+           "train.weight_decay 0.01 -> 0.05" in capsys.readouterr().out
+    g = t.opt.param_groups[0]
+    assert (g["initial_lr"], g["weight_decay"]) == (0.001, 0.05)
+    assert g["lr"] == pytest.approx(0.001 * lr_factor(127, t.total_steps, cfg.train))
+    assert t.opt.state_dict()["state"][0]["step"] == 127  # the moments came back
+    t.fit()
+    lrs = [m["lr"] for m in json.loads((tmp_path / "h" / "metrics.json").read_text())]
+    assert lrs == pytest.approx([0.01 * 0.1, 0.001 * 0.1])  # each run ends annealed to 10%
+
+
 def test_resuming_on_other_held_out_text_is_refused(corpus_path, tmp_path):
     """The best validation loss so far was measured on the run's held-out text: resumed on
     other text, the winner would compare unlike numbers. Same text, other settings: fine."""
