@@ -30,6 +30,7 @@ from charrnn.errors import CharrnnError
 
 KEEPER_INDEX = "checkpoints.json"  # the local keeper's record of a run's checkpoints
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's (tests pin it to Ray's name)
+STOPPED = "stopped.json"  # rank 0's note of the error that ended a Ray run (`Backend.stop`)
 
 
 def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
@@ -76,6 +77,17 @@ def keeper_entries(run_uri: str) -> list[dict]:
     return complete
 
 
+def stopped_error(run_uri: str) -> str | None:
+    """The driver's side of `RayBackend.stop`: the error that ended the run, once (the note is
+    deleted, so a later attempt of the run starts clean)."""
+    uri = storage.join(run_uri, STOPPED)
+    if not storage.exists(uri):
+        return None
+    error = json.loads(storage.read_text(uri))["error"]
+    storage.delete_file(uri)
+    return error
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model under a DDP wrapper (what checkpoints store)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -107,6 +119,10 @@ class Backend:
     def resume_dir(self) -> Path | None:
         """A local directory holding the checkpoint to resume from, or None for a fresh run."""
         raise NotImplementedError
+
+    def stop(self, error: CharrnnError) -> None:
+        """End the run on an error that every rank reached at the same point (a diverged loss)."""
+        raise error
 
 
 class LocalBackend(Backend):
@@ -183,6 +199,15 @@ class RayBackend(Backend):
                 if checkpoint_dir is not None and self.is_writer else None)
         # Every rank reports; the upload (rank 0) finishes before this returns (SYNC mode).
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+    def stop(self, error: CharrnnError) -> None:
+        """Note the error (rank 0) and return, on every rank. Raised, it would be a worker
+        failure, which Ray Train retries `max_failures` times from the last checkpoint, diverging
+        again each time. The driver raises it from the note (`stopped_error`); a note cannot go
+        in a last report's metrics, since `Result.metrics` are those of the last checkpoint."""
+        if self.is_writer:
+            storage.write_text(storage.join(self.run_uri, STOPPED),
+                               json.dumps({"error": str(error)}))
 
     def resume_dir(self) -> Path | None:
         """Ray Train's latest checkpoint of this run; before its first, the local run's."""

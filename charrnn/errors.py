@@ -28,3 +28,7 @@ class CheckpointError(CharrnnError):
 
 class StorageError(CharrnnError):
     """Storage (local or S3) is unreachable, missing or refuses access."""
+
+
+class TrainingDiverged(CharrnnError):
+    """The loss became NaN or infinite; nothing from that point on was saved."""

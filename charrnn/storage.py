@@ -183,6 +183,16 @@ def delete_dir(uri: str) -> None:
         raise _wrap(uri, e) from None
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _wrap(uri, e) from None
+
+
 def local_path(uri: str) -> Path | None:
     """The local path of a non-S3 URI (None for S3). `file://` is local; any other scheme is an
     error, so `gs://b/x` never becomes a directory named `gs:` under the working directory."""

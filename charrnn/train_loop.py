@@ -23,6 +23,7 @@ from charrnn import checkpoint, runlog, storage
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
+from charrnn.errors import TrainingDiverged
 from charrnn.generate import SampleParams, generate
 from charrnn.model import CharRNN
 from charrnn.vocab import Vocab
@@ -191,6 +192,9 @@ class Trainer:
                     if self.b.is_writer:
                         runlog.say("stopping: train.max_minutes reached")
                     break
+        except TrainingDiverged as e:
+            self.b.stop(e)  # raises in local mode; ends the Ray run with the error reported
+            return
         except KeyboardInterrupt:
             if isinstance(self.b, LocalBackend):
                 self._evaluate("interrupted")
@@ -228,6 +232,11 @@ class Trainer:
         with self.autocast:
             logits, _ = self.model(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        value = loss.item()
+        if self.b.world == 1 and not math.isfinite(value):
+            # One worker stops at once, before the step. Several find out together at the next
+            # evaluation (a NaN reaches every rank through the gradient all-reduce).
+            raise self._diverged("training", value)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip:
@@ -235,7 +244,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        self.loss_sum += loss.item() * y.numel()
+        self.loss_sum += value * y.numel()
         self.loss_count += y.numel()
         self.meter_chars += y.numel()
 
@@ -271,6 +280,10 @@ class Trainer:
         elapsed = self.elapsed_before + time.monotonic() - self.t0
         val_loss = vs / vc
         train_loss = ts / tc if tc else float("nan")
+        if tc and not math.isfinite(train_loss) or not math.isfinite(val_loss):
+            # Every rank sees the same sums: all stop here, and no checkpoint of it is saved.
+            raise self._diverged(*(("training", train_loss) if tc and not math.isfinite(train_loss)
+                                   else ("validation", val_loss)))
         metrics = {
             "epoch": self.epoch + self.epoch_step / self.steps_per_epoch,
             "step": self.step, "train_loss": train_loss, "val_loss": val_loss,
@@ -306,6 +319,16 @@ class Trainer:
             eta = self._eta()
             runlog.say(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()))
         self._reset_meter()
+
+    def _diverged(self, which: str, value: float) -> TrainingDiverged:
+        t, last = self.cfg.train, (self.history[-1]["step"] if self.history else None)
+        kept, again = (("Nothing was saved", "run again") if last is None else
+                       (f"The run keeps what it saved up to step {last}",
+                        f"run again to resume from step {last}"))
+        return TrainingDiverged(
+            f"training diverged: the {which} loss is {value} at step {self.step}. {kept}: lower "
+            f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "
+            f"train.precision=fp32, and {again}")
 
     def _publish_winner(self, final: bool = False) -> None:
         best = min(self.history, key=lambda m: m["val_loss"])

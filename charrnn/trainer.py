@@ -22,8 +22,8 @@ from charrnn import corpus, runlog, storage
 from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
-from charrnn.dist import resume_point
-from charrnn.errors import CharrnnError
+from charrnn.dist import resume_point, stopped_error
+from charrnn.errors import CharrnnError, TrainingDiverged
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
 
@@ -172,4 +172,8 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": dataset},
     )
+    stopped_error(loop_config["run_uri"])  # a note left by an earlier attempt is old news
     trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
+    error = stopped_error(loop_config["run_uri"])
+    if error:  # every worker stopped on it (`Backend.stop`): a diverged loss
+        raise TrainingDiverged(error)

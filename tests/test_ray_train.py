@@ -201,6 +201,21 @@ def test_a_local_run_continues_on_ray_train(ray_local, corpus_path, tmp_path):
         fit(_cfg(corpus_path, str(tmp_path), "moved", "train.epochs=4"))
 
 
+def test_a_diverged_loss_ends_a_ray_run_without_retries(ray_local, corpus_path, tmp_path, capfd):
+    """All workers see the NaN in the all-reduced evaluation and stop together. Raised in a
+    worker it would be a failure that Ray Train retries (`run.max_failures`) from the last
+    checkpoint; reported, the run ends at once and the driver raises it."""
+    from charrnn.errors import TrainingDiverged
+    with pytest.raises(TrainingDiverged, match=r"the training loss is (nan|inf) at step 64\. "
+                                               "Nothing was saved"):
+        fit(_cfg(corpus_path, str(tmp_path), "nan", "scaling.workers=2", "train.lr=1e6",
+                 "train.grad_clip=0"))
+    out = capfd.readouterr().out
+    assert out.count("training 8,605 parameters on 2 worker(s)") == 1, out  # one attempt
+    assert not list((tmp_path / "nan").glob("checkpoint_0*"))
+    assert not (tmp_path / "nan" / "winner.json").exists()
+
+
 def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "log.txt", "w")

@@ -96,6 +96,24 @@ def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, cap
     assert lrs == pytest.approx([0.01 * 0.1, 0.001 * 0.1])  # each run ends annealed to 10%
 
 
+def test_a_diverged_loss_stops_the_run_and_saves_nothing_of_it(corpus_path, tmp_path):
+    """A NaN loss used to train on to the end, save NaN checkpoints and publish a winner.json
+    with `"val_loss": NaN` (not JSON). Now the run stops at the first non-finite step with one
+    line, and what was saved before stays as it was."""
+    from charrnn.errors import TrainingDiverged
+    fit(_cfg(corpus_path, tmp_path, "n", "train.epochs=1"))
+    run = tmp_path / "n"
+    before = {p.name: p.read_bytes() for p in (run / "winner.json", run / "checkpoints.json")}
+    with pytest.raises(TrainingDiverged, match=r"the training loss is (nan|inf) at step 1[23]\d\. "
+                                               r"The run keeps what it saved up to step 127: "
+                                               r"lower train.lr \(now 1e\+06\)"):
+        fit(_cfg(corpus_path, tmp_path, "n", "train.epochs=2", "train.lr=1e6", "train.grad_clip=0"))
+    assert {p.name: p.read_bytes() for p in (run / "winner.json", run / "checkpoints.json")} == before
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_00000127"]
+    fit(_cfg(corpus_path, tmp_path, "n", "train.epochs=2"))  # a sane LR resumes from step 127
+    assert [m["step"] for m in json.loads((run / "metrics.json").read_text())] == [127, 254]
+
+
 def test_resuming_on_other_held_out_text_is_refused(corpus_path, tmp_path):
     """The best validation loss so far was measured on the run's held-out text: resumed on
     other text, the winner would compare unlike numbers. Same text, other settings: fine."""
