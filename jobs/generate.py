@@ -93,8 +93,12 @@ def main(argv=None) -> int:
 
             from charrnn.corpus import load_text
             from charrnn.data import random_prompt
-            data = loaded.config.data
-            text = load_text(replace(data, corpus=args.corpus) if args.corpus else data)
+            data = replace(loaded.config.data, corpus=args.corpus) if args.corpus else loaded.config.data
+            try:
+                text = load_text(data)
+            except CharrnnError as e:
+                hint = "" if args.corpus else " (the checkpoint's training corpus; --corpus names another)"
+                raise CharrnnError(f"--random-prompt: {e}{hint}") from None
             prompts.append(random_prompt(text, data.seq_len, args.seed))
         if not prompts:
             raise CharrnnError("give --prompt, --prompts-file or --random-prompt")

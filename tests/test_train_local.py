@@ -1,6 +1,7 @@
 """End to end in local mode: train `tiny` on the tutorial's corpus, resume, interrupt, generate."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -255,6 +256,14 @@ def test_generate_cli_errors(tiny_run, tmp_path):
         "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
     assert "--max-chars must be >= 0" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
+    moved = tmp_path / "moved"  # a checkpoint whose training corpus is not on this machine
+    best = json.loads((storage / name / "winner.json").read_text())["checkpoint"]
+    shutil.copytree(storage / name / best, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["data"]["corpus"] = str(tmp_path / "elsewhere.txt")
+    (moved / "config.json").write_text(json.dumps(cfg))
+    assert "--random-prompt: corpus file not found: " in _error_line(run_job(
+        "generate.py", "--checkpoint", str(moved), "--random-prompt"))
     assert "--seed must be >= 0" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--seed", "-1"))
     assert "(or use --greedy)" in _error_line(run_job(
