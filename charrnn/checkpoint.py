@@ -14,6 +14,7 @@ pickle that would run code is refused, never executed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import time
@@ -46,7 +47,7 @@ class Loaded:
     vocab: Vocab
     meta: dict
     uri: str  # where it was loaded from (the checkpoint directory)
-    path: Path  # the local directory holding its files
+    path: Path | None  # the local directory holding its files (None: a removed download)
 
 
 def save(directory: str | Path, model: CharRNN, config: Config, vocab: Vocab, meta: dict,
@@ -125,6 +126,9 @@ def _read_json(d: Path, name: str, where: str, build: Any) -> Any:
 
 
 def load_train_state(loaded: Loaded) -> dict:
+    if loaded.path is None:
+        raise CheckpointError(f"{loaded.uri}: its training state was not kept (a downloaded copy); "
+                              "load it with `load_dir` on a local directory")
     return _torch_load(loaded.path / "train_state.pt")
 
 
@@ -143,9 +147,12 @@ def resolve(uri: str) -> str:
 
 
 def load(uri: str, device: str = "cpu") -> Loaded:
-    """Load a checkpoint from any URI `resolve` accepts. S3 checkpoints are downloaded first."""
+    """Load a checkpoint from any URI `resolve` accepts. S3 checkpoints are downloaded into a
+    temporary directory, removed once loaded (their `path` is then None)."""
     ckpt = resolve(uri)
-    return load_dir(storage.local_dir(ckpt, prefix="charrnn-ckpt-"), ckpt, device)
+    with storage.local_copy(ckpt, prefix="charrnn-ckpt-") as d:
+        loaded = load_dir(d, ckpt, device)
+    return loaded if storage.local_path(ckpt) else dataclasses.replace(loaded, path=None)
 
 
 # ----- winner manifest -----------------------------------------------------------------------

@@ -14,9 +14,8 @@ latest checkpoint), never back: `resume_point`.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,8 +115,9 @@ class Backend:
     def report(self, metrics: dict, checkpoint_dir: Path | None, name: str) -> None:
         raise NotImplementedError
 
-    def resume_dir(self) -> Path | None:
-        """A local directory holding the checkpoint to resume from, or None for a fresh run."""
+    def resume_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """A context holding a local directory with the checkpoint to resume from (None for a
+        fresh run); a downloaded copy is removed when the context exits."""
         raise NotImplementedError
 
     def stop(self, error: CharrnnError) -> None:
@@ -154,11 +154,14 @@ class LocalBackend(Backend):
                 storage.delete_dir(storage.join(self.run_uri, e["name"]))
         self.entries = kept
 
-    def resume_dir(self) -> Path | None:
+    @contextlib.contextmanager
+    def resume_checkpoint(self) -> Iterator[Path | None]:
         if not self.entries:
-            return None
-        return storage.local_dir(storage.join(self.run_uri, self.entries[-1]["name"]),
-                                 prefix="charrnn-resume-")
+            yield None
+            return
+        with storage.local_copy(storage.join(self.run_uri, self.entries[-1]["name"]),
+                                prefix="charrnn-resume-") as d:
+            yield d
 
 
 class RayBackend(Backend):
@@ -209,14 +212,16 @@ class RayBackend(Backend):
             storage.write_text(storage.join(self.run_uri, STOPPED),
                                json.dumps({"error": str(error)}))
 
-    def resume_dir(self) -> Path | None:
+    @contextlib.contextmanager
+    def resume_checkpoint(self) -> Iterator[Path | None]:
         """Ray Train's latest checkpoint of this run; before its first, the local run's."""
         import ray.train
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            if self.start_from is None:
-                return None
-            return storage.local_dir(self.start_from, prefix="charrnn-resume-")
-        tmp = Path(tempfile.mkdtemp(prefix="charrnn-resume-"))
-        shutil.rmtree(tmp)
-        return Path(ckpt.to_directory(str(tmp)))
+        if ckpt is not None:
+            with ckpt.as_directory() as d:  # local: the path itself; S3: a temporary download
+                yield Path(d)
+        elif self.start_from is not None:
+            with storage.local_copy(self.start_from, prefix="charrnn-resume-") as d:
+                yield d
+        else:
+            yield None

@@ -9,10 +9,12 @@ config, a checkpoint, a metric or a log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -164,13 +166,20 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     return Path(local_dir)
 
 
-def local_dir(uri: str, prefix: str = "charrnn-") -> Path:
-    """A local directory holding the files of directory `uri`: the path itself when it is
-    local, else a fresh download into a new temporary directory."""
+@contextlib.contextmanager
+def local_copy(uri: str, prefix: str = "charrnn-") -> Iterator[Path]:
+    """A local directory holding the files of directory `uri` while the block runs: the path
+    itself when it is local, else a download into a temporary directory, removed afterwards (a
+    Serve replica that hot-swaps from S3 would otherwise fill its disk, one checkpoint a swap)."""
     local = local_path(uri)
     if local is not None:
-        return local
-    return download_dir(uri, tempfile.mkdtemp(prefix=prefix))
+        yield local
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield download_dir(uri, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def delete_dir(uri: str) -> None:

@@ -92,9 +92,9 @@ class Trainer:
         self.history: list[dict] = []
         self.best = float("inf")
         self.elapsed_before = 0.0  # training time of earlier attempts of this run
-        resume = backend.resume_dir()
-        if resume is not None:
-            self._restore(model, resume)
+        with backend.resume_checkpoint() as resume:
+            if resume is not None:
+                self._restore(model, resume)
         self.model = backend.wrap(model)
         dev = backend.device
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16(dev))

@@ -176,6 +176,21 @@ def test_interrupted_upload_never_moves_the_winner(s3, corpus_path, monkeypatch)
     assert checkpoint.read_winner("s3://charrnn/runs/cut/winner.json")["step"] == 254
 
 
+def test_loading_from_s3_leaves_no_download_behind(s3, corpus_path, tmp_path, monkeypatch):
+    """A Serve replica hot-swapping from S3, or a generate job, loads by URI again and again;
+    each download used to stay in /tmp, the optimizer state (twice the model) included."""
+    import tempfile
+    cfg = _cfg(corpus_path, "s3://charrnn/runs", "tmpfree", "train.epochs=1")
+    fit(cfg)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    loaded = checkpoint.load("s3://charrnn/runs/tmpfree/winner.json")
+    assert loaded.meta["step"] == 127 and loaded.path is None
+    with pytest.raises(CharrnnError, match="training state was not kept"):
+        checkpoint.load_train_state(loaded)
+    fit(_cfg(corpus_path, "s3://charrnn/runs", "tmpfree", "train.epochs=2"))  # resumes from S3
+    assert list(tmp_path.iterdir()) == []
+
+
 def _ray_workers():
     import psutil
     return [p for p in psutil.process_iter(["cmdline"])
