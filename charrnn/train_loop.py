@@ -232,11 +232,6 @@ class Trainer:
         with self.autocast:
             logits, _ = self.model(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        value = loss.item()
-        if self.b.world == 1 and not math.isfinite(value):
-            # One worker stops at once, before the step. Several find out together at the next
-            # evaluation (a NaN reaches every rank through the gradient all-reduce).
-            raise self._diverged("training", value)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip:
@@ -244,6 +239,11 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.step += 1
+        value = loss.item()  # the step's one host sync, after the optimizer step is queued
+        if self.b.world == 1 and not math.isfinite(value):
+            # One worker stops at once (its weights are never saved now). Several find out
+            # together at the next evaluation (a NaN reaches every rank through the all-reduce).
+            raise self._diverged("training", value)
         self.loss_sum += value * y.numel()
         self.loss_count += y.numel()
         self.meter_chars += y.numel()
