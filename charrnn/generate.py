@@ -276,6 +276,24 @@ def generate(
     return [vocab.decode(row[: p.max_new_chars]) for row, p in zip(ids, params)]
 
 
+def pick_device(name: str) -> str:
+    """`auto` (cuda when a GPU is visible, else cpu), `cpu`, `cuda` or `cuda:N`, checked here so
+    that a missing GPU is one clear error rather than an assertion deep inside torch."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA GPU is visible to this process; use cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this process sees {torch.cuda.device_count()} GPU(s)")
+    return name
+
+
 class Generator:
     """A loaded checkpoint ready to complete prompts the way it was trained to read them.
 

@@ -33,7 +33,7 @@ from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
-from charrnn.generate import Generator, SampleParamError, SampleParams
+from charrnn.generate import Generator, SampleParamError, SampleParams, pick_device
 
 log = logging.getLogger("ray.serve")
 bind_serve_grpc_to_node_ip()  # in the replica, before its gRPC server starts (binding.py)
@@ -103,8 +103,7 @@ class CharRNNServer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.token = os.environ.get(self.cfg.api_token_env) or None
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") \
-            if self.cfg.device == "auto" else self.cfg.device
+        self.device = pick_device(self.cfg.device)
         self.batch_sizes: Counter = Counter()
         self._lock = threading.Lock()
         self.current = self._load(self.cfg.checkpoint)

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt characters outside the vocabulary: error (default), drop or "
                         "replace them with a space")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="per-character steps in fp32 (default) or bf16 (faster where supported)")
     p.add_argument("--token", default=os.environ.get("CHARRNN_API_TOKEN"),
@@ -86,8 +86,12 @@ def main(argv=None) -> int:
         run = model.get("run")
     else:
         from charrnn import checkpoint
-        from charrnn.generate import Generator
-        loaded = checkpoint.load(args.checkpoint, args.device)
+        from charrnn.generate import Generator, pick_device
+        try:
+            device = pick_device(args.device)
+        except ValueError as e:
+            raise CharrnnError(f"--device: {e}") from None
+        loaded = checkpoint.load(args.checkpoint, device)
         if args.random_prompt:
             from dataclasses import replace
 
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
             prompts.append(random_prompt(text, data.seq_len, args.seed))
         if not prompts:
             raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
-        completions = Generator(loaded, args.device, args.precision).complete(
+        completions = Generator(loaded, device, args.precision).complete(
             prompts, params, args.oov)
         run = loaded.meta.get("run")
     for i, (p, c) in enumerate(zip(prompts, completions)):

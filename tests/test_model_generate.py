@@ -119,3 +119,14 @@ def test_sample_param_errors_speak_the_callers_names():
         SampleParams(max_new_chars=-1)
     assert e.value.field == "max_new_chars"
     assert e.value.message({"max_new_chars": "max_chars"}) == "max_chars must be >= 0"
+
+
+def test_pick_device():
+    from charrnn.generate import pick_device
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+            pick_device(bad)
+    with pytest.raises(ValueError, match="cuda:99"):
+        pick_device("cuda:99")  # no GPU here, or fewer than 100
