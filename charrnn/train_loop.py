@@ -139,7 +139,8 @@ class Trainer:
             runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
                        f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
             old, new = loaded.config.to_dict(), self.cfg.to_dict()
-            changed = [f"{sec}.{k} {old[sec].get(k)!r} -> {v!r}" for sec in ("train", "run")
+            changed = [f"{sec}.{k} {old.get(sec, {}).get(k)!r} -> {v!r}"
+                       for sec in ("data", "train", "run", "scaling")
                        for k, v in new[sec].items() if old.get(sec, {}).get(k) != v]
             if changed:
                 runlog.say("  changed since that checkpoint: " + ", ".join(changed))
