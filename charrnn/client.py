@@ -6,8 +6,10 @@ server's batcher can gather them into shared generation batches.
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import requests
 
@@ -29,6 +31,13 @@ def request_body(prompt: str, p: SampleParams, oov: str = "error") -> dict:
 def generate_remote(url: str, prompts: list[str], params: SampleParams, token: str | None = None,
                     concurrency: int = 32, timeout: float = 300,
                     oov: str = "error") -> tuple[list[str], dict]:
+    try:
+        u = urlparse(url)
+        u.port  # noqa: B018  (parses the port: a bad one raises here, not in a worker thread)
+    except ValueError:
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.netloc:
+        raise CharrnnError(f"--serve-url must be http(s)://HOST:PORT, got {url!r}")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     session = requests.Session()
 
@@ -43,7 +52,10 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
                     return r
             except requests.ConnectionError as e:
                 if wait is None:
-                    raise CharrnnError(f"cannot reach {url}: {e}") from None
+                    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
+                    raise CharrnnError(f"cannot reach {url} ({errno.group(1) if errno else e}) "
+                                       f"after {len(RETRY_WAITS_S)} attempts; is the Serve app "
+                                       "running there?") from None
             except requests.RequestException as e:  # a timeout: the server may still be working
                 raise CharrnnError(f"no answer from {url}: {e}") from None
             time.sleep(wait)
@@ -58,8 +70,12 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
             except ValueError:
                 msg = r.text
             raise CharrnnError(f"{url} answered {r.status_code}: {msg}")
-        data = r.json()
-        return data["completions"][0], data["model"]
+        try:
+            data = r.json()
+            return data["completions"][0], data["model"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise CharrnnError(f"{url} answered 200 without completions: is it a charrnn Serve "
+                               "app?") from None
 
     rows = Generator.row_params(params, len(prompts))
     with ThreadPoolExecutor(min(concurrency, max(1, len(prompts)))) as pool:

@@ -56,5 +56,18 @@ def test_errors_are_one_line(server):
     with pytest.raises(CharrnnError, match="answered 422"):
         client.generate_remote(server.url, ["abc"], SampleParams(5))
     assert len(server.bodies) == 5
-    with pytest.raises(CharrnnError, match="cannot reach http://127.0.0.1:9"):
+    with pytest.raises(CharrnnError, match=r"cannot reach http://127.0.0.1:9 \(Connection refused\) "
+                                           "after 4 attempts"):
         client.generate_remote("http://127.0.0.1:9", ["abc"], SampleParams(5))
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://host", "http://[::1", "http://h:99999"])
+def test_a_url_that_is_not_http_is_refused_up_front(url):
+    with pytest.raises(CharrnnError, match="--serve-url must be http"):
+        client.generate_remote(url, ["abc"], SampleParams(5))
+
+
+def test_a_server_that_is_not_charrnn_is_one_line(server, monkeypatch):
+    monkeypatch.setattr(client.requests.Response, "json", lambda self: {"hello": "world"})
+    with pytest.raises(CharrnnError, match="answered 200 without completions"):
+        client.generate_remote(server.url, ["abc"], SampleParams(5))
