@@ -58,6 +58,17 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_client():
+    """A boto3 S3 client on the configured endpoint, for what pyarrow does not offer: error codes
+    and conditional writes. A fresh session each time: no cached credentials."""
+    import boto3
+    import botocore.config
+    return boto3.session.Session().client(
+        "s3", endpoint_url=s3_endpoint() or None, region_name=s3_region(),
+        config=botocore.config.Config(connect_timeout=5, read_timeout=10,
+                                      retries={"max_attempts": 2}))
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """URI -> (filesystem, path inside it): `s3://b/p` -> (S3, "b/p"); local -> absolute path."""
     if is_s3(uri):
@@ -228,15 +239,9 @@ def check_storage(uri: str) -> None:
         if not os.access(p, os.W_OK):
             raise StorageError(f"storage directory {uri} is not writable")
         return
-    import boto3  # boto3 reports S3 errors with codes; pyarrow only with text
-    import botocore.config
     import botocore.exceptions
     bucket = uri[len("s3://"):].split("/", 1)[0]
-    client = boto3.session.Session().client(  # a fresh session: no cached credentials
-        "s3", endpoint_url=s3_endpoint() or None,
-        region_name=s3_region(),
-        config=botocore.config.Config(connect_timeout=5, read_timeout=10,
-                                      retries={"max_attempts": 2}))
+    client = s3_client()
     try:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.NoCredentialsError:

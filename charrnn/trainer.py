@@ -9,12 +9,9 @@ workers (`get_dataset_shard`), each mapping its indices through the epoch's perm
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -24,6 +21,7 @@ from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
 from charrnn.errors import CharrnnError, TrainingDiverged
+from charrnn.runlock import run_lock
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
 
@@ -67,28 +65,6 @@ def fit(cfg: Config) -> str:
     if not storage.exists(winner):
         raise CharrnnError(f"training finished without a winner manifest at {winner}")
     return winner
-
-
-@contextlib.contextmanager
-def run_lock(uri: str, name: str) -> Iterator[None]:
-    """Hold `<run>/.lock` while this process trains the run: a second process training the same
-    run at once would interleave its checkpoints and prune the first one's. Local storage only
-    (an advisory `flock`, released when the process dies); S3 has no such lock."""
-    local = storage.local_path(uri)
-    if local is None:
-        yield
-        return
-    local.mkdir(parents=True, exist_ok=True)
-    with open(local / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CharrnnError(f"run {name!r} is being trained by another process now ({uri}): "
-                               "wait for it to finish, or use another --name") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: bool) -> None:

@@ -191,6 +191,32 @@ def test_loading_from_s3_leaves_no_download_behind(s3, corpus_path, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypatch, capsys):
+    """S3 has no flock: the run lock is a lease object written with a conditional PUT, renewed in
+    the background, and taken over (If-Match) once it has not been renewed for STALE_S."""
+    from charrnn import runlock
+    monkeypatch.setattr(runlock, "RENEW_S", 0.2)
+    uri = "s3://charrnn/runs/held"
+    with runlock.run_lock(uri, "held"):
+        with pytest.raises(CharrnnError, match=r"run 'held' is being trained by another process "
+                                               r"now \(.* pid \d+ .*; its lease s3://charrnn/runs/"
+                                               r"held/.lock was renewed \d+ s ago\)"):
+            fit(_cfg(corpus_path, "s3://charrnn/runs", "held"))
+        time.sleep(0.5)  # renewals keep it fresh
+        with pytest.raises(CharrnnError, match="being trained by another process"):
+            with runlock.run_lock(uri, "held"):
+                pass
+        monkeypatch.setattr(runlock, "STALE_S", -1.0)  # as if the holder had died long ago
+        with runlock.run_lock(uri, "held"):
+            time.sleep(0.6)  # the first holder's renewal finds its lease taken
+        out = capsys.readouterr().out
+        assert "taking over the lease of " in out
+        assert "warning: another process took over the lease s3://charrnn/runs/held/.lock" in out
+    assert not [k for k in bucket_objects(s3, "charrnn") if k.startswith("runs/held/")]  # released
+    with runlock.run_lock(uri, "held"):
+        pass
+
+
 def _ray_workers():
     import psutil
     return [p for p in psutil.process_iter(["cmdline"])

@@ -1,0 +1,113 @@
+"""One trainer per run: `<run>/.lock` is held while a process trains the run.
+
+Two processes training one run at once would interleave their checkpoints and prune each other's.
+- Local storage: an advisory `flock` on the file, released by the kernel when the process dies.
+- S3: a lease object written with a conditional PUT (`If-None-Match: *`, which AWS S3, MinIO and
+  moto honour), renewed every `RENEW_S` by a background thread. A lease not renewed for
+  `STALE_S` (by the store's own clock) belongs to a process that is gone, and the next trainer
+  takes it over with `If-Match` on its ETag, so two newcomers cannot both take it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+from charrnn import runlog, storage
+from charrnn.errors import CharrnnError
+
+LOCK = ".lock"
+RENEW_S = 30.0
+STALE_S = 120.0
+
+
+@contextlib.contextmanager
+def run_lock(uri: str, name: str) -> Iterator[None]:
+    local = storage.local_path(uri)
+    if local is not None:
+        with _flock(local, uri, name):
+            yield
+    else:
+        with _s3_lease(uri, name):
+            yield
+
+
+def _busy(name: str, why: str) -> CharrnnError:
+    return CharrnnError(f"run {name!r} is being trained by another process now ({why}): wait for "
+                        "it to finish, or use another --name")
+
+
+@contextlib.contextmanager
+def _flock(local, uri: str, name: str) -> Iterator[None]:
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(name, f"it holds {uri}/{LOCK}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _s3_lease(uri: str, name: str) -> Iterator[None]:
+    import botocore.exceptions
+    client = storage.s3_client()
+    bucket, key = storage.join(uri, LOCK)[len("s3://"):].split("/", 1)
+    me = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+    body = json.dumps({"owner": me, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def put(**condition) -> str | None:
+        """The new ETag, or None when the condition failed (another process holds the lease)."""
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)["ETag"]
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                          "ConditionalRequestConflict"):
+                return None
+            raise
+
+    etag = put(IfNoneMatch="*")
+    if etag is None:  # held, or left behind by a process that died
+        head = client.head_object(Bucket=bucket, Key=key)
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (now - head["LastModified"]).total_seconds()
+        holder = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read()).get("owner")
+        if age < STALE_S or (etag := put(IfMatch=head["ETag"])) is None:
+            raise _busy(name, f"{holder}; its lease {uri}/{LOCK} was renewed {age:.0f} s ago")
+        runlog.say(f"taking over the lease of {holder} on {uri}/{LOCK}: not renewed for {age:.0f} s")
+    stop = threading.Event()
+
+    def renew() -> None:
+        nonlocal etag
+        while not stop.wait(RENEW_S):
+            try:
+                new = put(IfMatch=etag)
+            except Exception as e:  # a flaky store: try again at the next renewal
+                runlog.say(f"warning: cannot renew the lease {uri}/{LOCK}: {e}")
+                continue
+            if new is None:
+                runlog.say(f"warning: another process took over the lease {uri}/{LOCK}")
+                return
+            etag = new
+
+    thread = threading.Thread(target=renew, name="charrnn-run-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        with contextlib.suppress(Exception):  # a lease left behind goes stale in STALE_S
+            if client.head_object(Bucket=bucket, Key=key)["ETag"] == etag:
+                client.delete_object(Bucket=bucket, Key=key)
