@@ -22,9 +22,10 @@ import uuid
 from collections.abc import Iterator
 
 from charrnn import runlog, storage
-from charrnn.errors import CharrnnError
+from charrnn.errors import CharrnnError, StorageError
 
 LOCK = ".lock"
+UNSUPPORTED = ("NotImplemented", "501", "InvalidArgument", "InvalidRequest")  # no conditional PUT
 RENEW_S = 30.0
 STALE_S = 120.0
 
@@ -77,7 +78,16 @@ def _s3_lease(uri: str, name: str) -> Iterator[None]:
                 return None
             raise
 
-    etag = put(IfNoneMatch="*")
+    try:
+        etag = put(IfNoneMatch="*")
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code not in UNSUPPORTED:
+            raise StorageError(f"{uri}/{LOCK}: cannot write the run lock ({code})") from None
+        runlog.say(f"warning: this S3 store does not support conditional writes ({code}): "
+                   "no run lock; do not train this run from two processes at once")
+        yield
+        return
     if etag is None:  # held, or left behind by a process that died
         head = client.head_object(Bucket=bucket, Key=key)
         now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])

@@ -215,6 +215,25 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
     assert not [k for k in bucket_objects(s3, "charrnn") if k.startswith("runs/held/")]  # released
     with runlock.run_lock(uri, "held"):
         pass
+    import botocore.exceptions  # a store without conditional PUTs: trained, with a warning
+    real = storage.s3_client
+
+    def unconditional():
+        c = real()
+        plain = c.put_object
+
+        def put_object(**kw):
+            if "IfNoneMatch" in kw or "IfMatch" in kw:
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "NotImplemented", "Message": "no"}}, "PutObject")
+            return plain(**kw)
+        c.put_object = put_object
+        return c
+    monkeypatch.setattr(storage, "s3_client", unconditional)
+    capsys.readouterr()
+    with runlock.run_lock(uri, "held"):
+        pass
+    assert "does not support conditional writes (NotImplemented): no run lock" in capsys.readouterr().out
 
 
 def _ray_workers():
