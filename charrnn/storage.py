@@ -194,19 +194,18 @@ def local_copy(uri: str, prefix: str = "charrnn-") -> Iterator[Path]:
 
 
 def delete_dir(uri: str) -> None:
-    fs, path = resolve(uri)
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise _wrap(uri, e) from None
+    _delete(uri, "delete_dir")
 
 
 def delete_file(uri: str) -> None:
+    _delete(uri, "delete_file")
+
+
+def _delete(uri: str, method: str) -> None:
+    """Delete with pyarrow's `method`; what is already gone is fine."""
     fs, path = resolve(uri)
     try:
-        fs.delete_file(path)
+        getattr(fs, method)(path)
     except FileNotFoundError:
         pass
     except OSError as e:
