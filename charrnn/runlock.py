@@ -41,6 +41,33 @@ def run_lock(uri: str, name: str) -> Iterator[None]:
             yield
 
 
+def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
+    """Create the lease, or take over a stale one; the ETag it then has."""
+    import botocore.exceptions
+    for _ in range(3):  # the holder may let go between our tries
+        etag = put(IfNoneMatch="*")
+        if etag is not None:
+            return etag
+        try:  # held, or left behind by a process that died
+            head = client.head_object(Bucket=bucket, Key=key)
+            raw = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                continue
+            raise
+        try:
+            holder = json.loads(raw)["owner"]
+        except (ValueError, TypeError, KeyError):
+            holder = "an unknown process"
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (now - head["LastModified"]).total_seconds()  # both by the store's clock
+        if age < STALE_S or (etag := put(IfMatch=head["ETag"])) is None:
+            raise _busy(name, f"{holder}; its lease {uri}/{LOCK} was renewed {age:.0f} s ago")
+        runlog.say(f"taking over the lease of {holder} on {uri}/{LOCK}: not renewed for {age:.0f} s")
+        return etag
+    raise _busy(name, f"its lease {uri}/{LOCK} keeps changing hands")
+
+
 def _busy(name: str, why: str) -> CharrnnError:
     return CharrnnError(f"run {name!r} is being trained by another process now ({why}): wait for "
                         "it to finish, or use another --name")
@@ -79,23 +106,16 @@ def _s3_lease(uri: str, name: str) -> Iterator[None]:
             raise
 
     try:
-        etag = put(IfNoneMatch="*")
+        etag = _acquire(client, bucket, key, put, name, uri)
     except botocore.exceptions.ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code not in UNSUPPORTED:
-            raise StorageError(f"{uri}/{LOCK}: cannot write the run lock ({code})") from None
+            raise StorageError(f"{uri}/{LOCK}: cannot take the run lock ({code}: "
+                               f"{e.response.get('Error', {}).get('Message', '')})") from None
         runlog.say(f"warning: this S3 store does not support conditional writes ({code}): "
                    "no run lock; do not train this run from two processes at once")
         yield
         return
-    if etag is None:  # held, or left behind by a process that died
-        head = client.head_object(Bucket=bucket, Key=key)
-        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
-        age = (now - head["LastModified"]).total_seconds()
-        holder = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read()).get("owner")
-        if age < STALE_S or (etag := put(IfMatch=head["ETag"])) is None:
-            raise _busy(name, f"{holder}; its lease {uri}/{LOCK} was renewed {age:.0f} s ago")
-        runlog.say(f"taking over the lease of {holder} on {uri}/{LOCK}: not renewed for {age:.0f} s")
     stop = threading.Event()
 
     def renew() -> None:
