@@ -133,7 +133,12 @@ class Trainer:
         m = loaded.meta
         if self.b.rank:  # the saved state is rank 0's: other ranks keep distinct dropout masks
             torch.manual_seed(self.cfg.train.seed + 7919 * self.b.rank + m["step"])
-        self.epoch, self.epoch_step, self.step = m["next_epoch"], m["epoch_step"], m["step"]
+        self.epoch, self.step = m["next_epoch"], m["step"]
+        # Mid-epoch, count the epoch's windows already trained, not steps: with another
+        # batch size or number of workers a step covers another number of windows.
+        per_step = self.cfg.train.batch_size * self.b.world
+        done = m.get("epoch_windows", m["epoch_step"] * per_step)  # older checkpoints: steps
+        self.epoch_step = min(done // per_step, self.steps_per_epoch)
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
             runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
@@ -302,6 +307,7 @@ class Trainer:
             if tmp is not None:
                 meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,
                         "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
+                        "epoch_windows": self.epoch_step * self.cfg.train.batch_size * self.b.world,
                         "best_val_loss": best, "elapsed_s": elapsed, "history": history,
                         "val_signature": self.val_signature}
                 checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt,

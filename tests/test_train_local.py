@@ -168,6 +168,16 @@ def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, mon
     a, b = _weights(tmp_path, "c"), _weights(tmp_path, "c2")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+    # Resumed with another batch size (or, on Ray, another number of workers), the epoch goes
+    # on from the windows it has trained: 40 steps x 32 windows = 20 steps of 64.
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_40)
+    with pytest.raises(Interrupted):
+        fit(_cfg(corpus_path, tmp_path, "c3", "train.epochs=1"))
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    cfg, vocab, ids = prepare(_cfg(corpus_path, tmp_path, "c3", "train.epochs=1",
+                                   "train.batch_size=64"))
+    t = Trainer(cfg, vocab, ids, LocalBackend(str(tmp_path / "c3"), 2))
+    assert (t.step, t.epoch, t.epoch_step, t.steps_per_epoch) == (40, 0, 20, 64)
 
 
 def test_ctrl_c_during_a_save_still_saves(corpus_path, tmp_path, monkeypatch):
