@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint, runlog, storage
+from charrnn import checkpoint, resume, runlog, storage
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
@@ -104,29 +104,13 @@ class Trainer:
 
     # ----- state ------------------------------------------------------------------------
     def _restore(self, model: CharRNN, directory: Path) -> None:
-        try:
-            loaded = checkpoint.load_dir(directory)
-            state = checkpoint.load_train_state(loaded)
-        except checkpoint.CheckpointError as e:
-            if not isinstance(self.b, LocalBackend):
-                raise
-            raise checkpoint.CheckpointError(
-                f"cannot resume run {self.cfg.run.name!r}: {e}; to resume from the checkpoint "
-                "before it, move this one out of the run directory") from None
-        if loaded.vocab != self.vocab or loaded.config.model != self.cfg.model:
-            raise checkpoint.CheckpointError(
-                f"run {self.cfg.run.name!r} already holds a checkpoint of a different model or "
-                "vocabulary; use another --name to start a new run")
-        if loaded.meta.get("val_signature", self.val_signature) != self.val_signature:
-            # Its best validation loss was measured on other text: the winner would be wrong.
-            raise checkpoint.CheckpointError(
-                f"run {self.cfg.run.name!r} was validated on other held-out text (the corpus, "
-                "its cleaning, data.val_fraction or train.eval_max_chars changed); use another "
-                "--name to start a new run")
+        loaded, state = resume.open_checkpoint(directory, self.cfg.run.name,
+                                               local=isinstance(self.b, LocalBackend))
+        resume.check_same_run(loaded, self.cfg, self.vocab, self.val_signature)
         model.load_state_dict(loaded.model.state_dict())
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        self._apply_optimizer_settings()
+        resume.apply_optimizer_settings(self.opt, self.sched, self.cfg.train)
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.b.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.b.device)
@@ -134,33 +118,15 @@ class Trainer:
         if self.b.rank:  # the saved state is rank 0's: other ranks keep distinct dropout masks
             torch.manual_seed(self.cfg.train.seed + 7919 * self.b.rank + m["step"])
         self.epoch, self.step = m["next_epoch"], m["step"]
-        # Mid-epoch, count the epoch's windows already trained, not steps: with another
-        # batch size or number of workers a step covers another number of windows.
-        per_step = self.cfg.train.batch_size * self.b.world
-        done = m.get("epoch_windows", m["epoch_step"] * per_step)  # older checkpoints: steps
-        self.epoch_step = min(done // per_step, self.steps_per_epoch)
+        self.epoch_step = resume.epoch_step(m, self.cfg.train.batch_size, self.b.world,
+                                            self.steps_per_epoch)
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
             runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
                        f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
-            old, new = loaded.config.to_dict(), self.cfg.to_dict()
-            changed = [f"{sec}.{k} {old.get(sec, {}).get(k)!r} -> {v!r}"
-                       for sec in ("data", "train", "run", "scaling")
-                       for k, v in new[sec].items() if old.get(sec, {}).get(k) != v]
+            changed = resume.changed_settings(loaded.config, self.cfg)
             if changed:
                 runlog.say("  changed since that checkpoint: " + ", ".join(changed))
-
-    def _apply_optimizer_settings(self) -> None:
-        """The config's `train.lr` and `train.weight_decay` win over the ones stored in a resumed
-        optimizer and scheduler: changing them is how a user continues a run that diverged or
-        stalled. The LR schedule's position (its step) is kept."""
-        t = self.cfg.train
-        for g in self.opt.param_groups:
-            g["initial_lr"], g["weight_decay"] = t.lr, t.weight_decay
-        self.sched.base_lrs = [t.lr] * len(self.opt.param_groups)
-        factor = self.sched.lr_lambdas[0](self.sched.last_epoch)
-        for g in self.opt.param_groups:
-            g["lr"] = t.lr * factor
 
     def _eta(self) -> float:
         """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""

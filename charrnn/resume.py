@@ -1,0 +1,71 @@
+"""Resuming a run: what its latest checkpoint gives back, and what the new config overrides.
+
+`Trainer._restore` applies these, in this order: open the checkpoint, check it belongs to this
+run, restore weights, optimizer and RNG, then let the config's LR and weight decay win and map
+the epoch position to the current batch size and number of workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from charrnn import checkpoint
+from charrnn.config import Config, TrainConfig
+from charrnn.errors import CheckpointError
+from charrnn.vocab import Vocab
+
+
+def open_checkpoint(directory: Path, run_name: str, local: bool) -> tuple[checkpoint.Loaded, dict]:
+    """The checkpoint and its training state. In local mode a damaged file gets a way out: the
+    keeper resumes from the checkpoint before it once this one is moved aside."""
+    try:
+        loaded = checkpoint.load_dir(directory)
+        return loaded, checkpoint.load_train_state(loaded)
+    except CheckpointError as e:
+        if not local:
+            raise
+        raise CheckpointError(f"cannot resume run {run_name!r}: {e}; to resume from the checkpoint "
+                              "before it, move this one out of the run directory") from None
+
+
+def check_same_run(loaded: checkpoint.Loaded, cfg: Config, vocab: Vocab, val_signature: str) -> None:
+    if loaded.vocab != vocab or loaded.config.model != cfg.model:
+        raise CheckpointError(
+            f"run {cfg.run.name!r} already holds a checkpoint of a different model or "
+            "vocabulary; use another --name to start a new run")
+    if loaded.meta.get("val_signature", val_signature) != val_signature:
+        # Its best validation loss was measured on other text: the winner would be wrong.
+        raise CheckpointError(
+            f"run {cfg.run.name!r} was validated on other held-out text (the corpus, its "
+            "cleaning, data.val_fraction or train.eval_max_chars changed); use another --name "
+            "to start a new run")
+
+
+def apply_optimizer_settings(opt: torch.optim.Optimizer, sched, t: TrainConfig) -> None:
+    """The config's `train.lr` and `train.weight_decay` win over those stored in the restored
+    optimizer and scheduler: changing them is how a user continues a run that diverged or
+    stalled. The LR schedule's position (its step) is kept."""
+    for g in opt.param_groups:
+        g["initial_lr"], g["weight_decay"] = t.lr, t.weight_decay
+    sched.base_lrs = [t.lr] * len(opt.param_groups)
+    factor = sched.lr_lambdas[0](sched.last_epoch)
+    for g in opt.param_groups:
+        g["lr"] = t.lr * factor
+
+
+def epoch_step(meta: dict, batch_size: int, world: int, steps_per_epoch: int) -> int:
+    """Steps of the current epoch already done, in this attempt's steps. Counted through the
+    epoch's trained windows: with another batch size or number of workers (local mode -> Ray
+    after a Ctrl-C) a step covers another number of windows."""
+    per_step = batch_size * world
+    done = meta.get("epoch_windows", meta["epoch_step"] * per_step)  # older checkpoints: steps
+    return min(done // per_step, steps_per_epoch)
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """`section.key old -> new` for each data/train/run/scaling setting that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{sec}.{k} {a[sec].get(k)!r} -> {v!r}" for sec in ("data", "train", "run", "scaling")
+            for k, v in b[sec].items() if a[sec].get(k) != v]
