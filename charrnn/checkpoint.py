@@ -32,6 +32,7 @@ from charrnn.vocab import Vocab
 
 FORMAT_VERSION = 1
 FILES = ("model.pt", "config.json", "vocab.json", "train_state.pt", "meta.json")
+MODEL_FILES = tuple(f for f in FILES if f != "train_state.pt")  # what inference reads
 WINNER = "winner.json"
 
 
@@ -83,10 +84,11 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable checkpoint file ({detail})") from None
 
 
-def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu") -> Loaded:
-    """Load a checkpoint from a local directory."""
+def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu",
+             files: tuple[str, ...] = FILES) -> Loaded:
+    """Load a checkpoint from a local directory holding (at least) `files`."""
     d = Path(path)
-    missing = [f for f in FILES if not (d / f).is_file()]
+    missing = [f for f in files if not (d / f).is_file()]
     if missing:
         raise CheckpointError(f"{uri or d}: incomplete checkpoint, missing {', '.join(missing)}")
     where = uri or str(d)
@@ -147,12 +149,18 @@ def resolve(uri: str) -> str:
 
 
 def load(uri: str, device: str = "cpu") -> Loaded:
-    """Load a checkpoint from any URI `resolve` accepts. S3 checkpoints are downloaded into a
-    temporary directory, removed once loaded (their `path` is then None)."""
+    """Load a checkpoint from any URI `resolve` accepts. From S3, what inference reads (not the
+    optimizer state) is downloaded into a temporary directory, removed once loaded (`path` is
+    then None)."""
     ckpt = resolve(uri)
-    with storage.local_copy(ckpt, prefix="charrnn-ckpt-") as d:
-        loaded = load_dir(d, ckpt, device)
-    return loaded if storage.local_path(ckpt) else dataclasses.replace(loaded, path=None)
+    local = storage.local_path(ckpt)
+    if local is not None:
+        return load_dir(local, ckpt, device)
+    missing = [f for f in FILES if not storage.exists(storage.join(ckpt, f))]
+    if missing:  # as strict as a local checkpoint, without downloading the optimizer state
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
+    with storage.local_copy(ckpt, prefix="charrnn-ckpt-", files=MODEL_FILES) as d:
+        return dataclasses.replace(load_dir(d, ckpt, device, files=MODEL_FILES), path=None)
 
 
 # ----- winner manifest -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -166,10 +166,14 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         raise _wrap(uri, e) from None
 
 
-def download_dir(uri: str, local_dir: str | Path) -> Path:
+def download_dir(uri: str, local_dir: str | Path, files: Sequence[str] | None = None) -> Path:
+    """Copy directory `uri` (or only its `files`) into `local_dir`."""
     fs, path = resolve(uri)
     try:
-        pafs.copy_files(path, str(local_dir), source_filesystem=fs)
+        if files is None:
+            pafs.copy_files(path, str(local_dir), source_filesystem=fs)
+        for name in files or ():
+            pafs.copy_files(f"{path}/{name}", str(Path(local_dir) / name), source_filesystem=fs)
     except FileNotFoundError:
         raise StorageError(f"not found: {uri}") from None
     except OSError as e:
@@ -178,7 +182,8 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def local_copy(uri: str, prefix: str = "charrnn-") -> Iterator[Path]:
+def local_copy(uri: str, prefix: str = "charrnn-",
+               files: Sequence[str] | None = None) -> Iterator[Path]:
     """A local directory holding the files of directory `uri` while the block runs: the path
     itself when it is local, else a download into a temporary directory, removed afterwards (a
     Serve replica that hot-swaps from S3 would otherwise fill its disk, one checkpoint a swap)."""
@@ -188,7 +193,7 @@ def local_copy(uri: str, prefix: str = "charrnn-") -> Iterator[Path]:
         return
     tmp = tempfile.mkdtemp(prefix=prefix)
     try:
-        yield download_dir(uri, tmp)
+        yield download_dir(uri, tmp, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

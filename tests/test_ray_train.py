@@ -183,8 +183,12 @@ def test_loading_from_s3_leaves_no_download_behind(s3, corpus_path, tmp_path, mo
     cfg = _cfg(corpus_path, "s3://charrnn/runs", "tmpfree", "train.epochs=1")
     fit(cfg)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fetched, real = [], storage.download_dir
+    monkeypatch.setattr(storage, "download_dir",
+                        lambda uri, d, files=None: fetched.append(files) or real(uri, d, files))
     loaded = checkpoint.load("s3://charrnn/runs/tmpfree/winner.json")
     assert loaded.meta["step"] == 127 and loaded.path is None
+    assert fetched == [checkpoint.MODEL_FILES]  # not the optimizer state
     with pytest.raises(CharrnnError, match="training state was not kept"):
         checkpoint.load_train_state(loaded)
     fit(_cfg(corpus_path, "s3://charrnn/runs", "tmpfree", "train.epochs=2"))  # resumes from S3
