@@ -211,11 +211,14 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
             with runlock.run_lock(uri, "held"):
                 pass
         monkeypatch.setattr(runlock, "STALE_S", -1.0)  # as if the holder had died long ago
+        said = []
+        monkeypatch.setattr(runlock.runlog, "say", said.append)
         with runlock.run_lock(uri, "held"):
-            time.sleep(0.6)  # the first holder's renewal finds its lease taken
-        out = capsys.readouterr().out
-        assert "taking over the lease of " in out
-        assert "warning: another process took over the lease s3://charrnn/runs/held/.lock" in out
+            assert any(line.startswith("taking over the lease of ") for line in said)
+            wait_for(lambda: "warning: another process took over the lease s3://charrnn/runs/"
+                             "held/.lock" in said, 30, "the first holder to notice")
+        monkeypatch.undo()  # runlog.say, RENEW_S and STALE_S as they were
+        monkeypatch.setattr(runlock, "RENEW_S", 0.2)
     assert not [k for k in bucket_objects(s3, "charrnn") if k.startswith("runs/held/")]  # released
     with runlock.run_lock(uri, "held"):
         pass
