@@ -103,8 +103,13 @@ def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu",
                               f"model.vocab_size is {config.model.vocab_size}; the files are from "
                               "different checkpoints")
     model = CharRNN(config.model)
+    weights = _torch_load(d / "model.pt")
+    if isinstance(weights, dict) and not all(
+            torch.isfinite(t).all() for t in weights.values() if isinstance(t, torch.Tensor)):
+        raise CheckpointError(f"{where}: model.pt holds NaN or infinite weights (its run had "
+                              "diverged); use an earlier checkpoint")
     try:
-        model.load_state_dict(_torch_load(d / "model.pt"))
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError) as e:  # not a state dict, or shapes and names config.json lacks
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
         raise CheckpointError(f"{where}: model.pt does not match config.json's model "

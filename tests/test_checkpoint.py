@@ -132,6 +132,9 @@ def _tamper(d, name, edit):
     ("config.json", lambda c: {**c, "model": {**c["model"], "bogus": 1}},
      "config.json .*unknown config key model.bogus"),
     ("model.pt", lambda p: torch.save([1, 2], p), "model.pt does not match .*dict-like"),
+    ("model.pt", lambda p: torch.save({k: v.fill_(float("nan")) if k == "head.bias" else v
+                                       for k, v in torch.load(p).items()}, p),
+     "model.pt holds NaN or infinite weights"),
     ("model.pt", lambda p: p.write_bytes(p.read_bytes()[:50]),
      r"model.pt: not a readable checkpoint file \(PytorchStreamReader failed[^.]*\)$"),
 ])
