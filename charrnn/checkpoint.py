@@ -132,6 +132,11 @@ def _read_json(d: Path, name: str, where: str, build: Any) -> Any:
                               f"({str(e) or type(e).__name__})") from None
 
 
+def missing_files(ckpt_uri: str) -> list[str]:
+    """The checkpoint files not (yet) in storage at `ckpt_uri`; empty when it is complete."""
+    return [f for f in FILES if not storage.exists(storage.join(ckpt_uri, f))]
+
+
 def load_train_state(loaded: Loaded) -> dict:
     if loaded.path is None:
         raise CheckpointError(f"{loaded.uri}: its training state was not kept (a downloaded copy); "
@@ -161,7 +166,7 @@ def load(uri: str, device: str = "cpu") -> Loaded:
     local = storage.local_path(ckpt)
     if local is not None:
         return load_dir(local, ckpt, device)
-    missing = [f for f in FILES if not storage.exists(storage.join(ckpt, f))]
+    missing = missing_files(ckpt)
     if missing:  # as strict as a local checkpoint, without downloading the optimizer state
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
     with storage.local_copy(ckpt, prefix="charrnn-ckpt-", files=MODEL_FILES) as d:
@@ -192,7 +197,7 @@ def write_winner(run_uri: str, manifest: dict) -> str:
     manifest never names a partial or missing checkpoint. The write itself is atomic.
     """
     ckpt = storage.join(run_uri, manifest["checkpoint"])
-    missing = [f for f in FILES if not storage.exists(storage.join(ckpt, f))]
+    missing = missing_files(ckpt)
     if missing:
         raise CheckpointError(f"not publishing {ckpt} as the winner: missing {', '.join(missing)}")
     uri = storage.join(run_uri, WINNER)

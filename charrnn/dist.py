@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from charrnn import runlog, storage
-from charrnn.checkpoint import FILES
+from charrnn.checkpoint import missing_files
 from charrnn.data import local_index_batches
 from charrnn.errors import CharrnnError
 
@@ -67,7 +67,7 @@ def keeper_entries(run_uri: str) -> list[dict]:
     complete = []
     for e, name in zip(entries, names):
         ckpt = storage.join(run_uri, name)
-        missing = [f for f in FILES if not storage.exists(storage.join(ckpt, f))]
+        missing = missing_files(ckpt)
         if missing:
             runlog.say(f"warning: skipping {ckpt} listed in {KEEPER_INDEX}: missing "
                        f"{', '.join(missing)}")
