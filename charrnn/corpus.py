@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from charrnn.config import DataConfig
-from charrnn.errors import CorpusError
+from charrnn.errors import CorpusError, StorageError
 from charrnn.vocab import rare_chars
 
 # Overridable so tests (and mirrors) can serve books from a local HTTP server.
@@ -39,13 +39,14 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
     if source.startswith(("http://", "https://")):
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         return _cached_download(source, Path(cache_dir).expanduser() / "url" / f"{digest}.txt")
-    if source.startswith("s3://"):
-        from charrnn import storage  # S3 only when asked for
+    from charrnn import storage  # pyarrow: not needed for the download sources above
+    if storage.is_s3(source):
         return storage.read_bytes(source)
-    if "://" in source and not source.startswith("file://"):
+    try:
+        path = storage.local_path(source)  # `file://` is local; another scheme is refused
+    except StorageError:
         raise CorpusError(f"--corpus {source}: unsupported scheme; use a local path, s3://bucket/key, "
-                          "an http(s):// URL or gutenberg:<id>")
-    path = Path(source.removeprefix("file://")).expanduser()
+                          "an http(s):// URL or gutenberg:<id>") from None
     if path.is_dir():
         raise CorpusError(f"--corpus {source} is a directory; give the text file inside it")
     if not path.is_file():
