@@ -48,24 +48,29 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
         etag = put(IfNoneMatch="*")
         if etag is not None:
             return etag
-        try:  # held, or left behind by a process that died
-            head = client.head_object(Bucket=bucket, Key=key)
-            raw = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:  # held, or left behind by a process that died: one GET gives body, ETag and age
+            lease = client.get_object(Bucket=bucket, Key=key)
+            raw = lease["Body"].read()
         except botocore.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _code(e) in ("404", "NoSuchKey", "NotFound"):
                 continue
             raise
         try:
             holder = json.loads(raw)["owner"]
         except (ValueError, TypeError, KeyError):
             holder = "an unknown process"
-        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
-        age = (now - head["LastModified"]).total_seconds()  # both by the store's clock
-        if age < STALE_S or (etag := put(IfMatch=head["ETag"])) is None:
+        now = email.utils.parsedate_to_datetime(lease["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (now - lease["LastModified"]).total_seconds()  # both by the store's clock
+        if age < STALE_S or (etag := put(IfMatch=lease["ETag"])) is None:
             raise _busy(name, f"{holder}; its lease {uri}/{LOCK} was renewed {age:.0f} s ago")
         runlog.say(f"taking over the lease of {holder} on {uri}/{LOCK}: not renewed for {age:.0f} s")
         return etag
     raise _busy(name, f"its lease {uri}/{LOCK} keeps changing hands")
+
+
+def _code(e) -> str:
+    """The S3 error code of a botocore ClientError ("" when it has none)."""
+    return e.response.get("Error", {}).get("Code", "")
 
 
 def _busy(name: str, why: str) -> CharrnnError:
@@ -100,15 +105,14 @@ def _s3_lease(uri: str, name: str) -> Iterator[None]:
         try:
             return client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)["ETag"]
         except botocore.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
-                                                          "ConditionalRequestConflict"):
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return None
             raise
 
     try:
         etag = _acquire(client, bucket, key, put, name, uri)
     except botocore.exceptions.ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
+        code = _code(e)
         if code not in UNSUPPORTED:
             raise StorageError(f"{uri}/{LOCK}: cannot take the run lock ({code}: "
                                f"{e.response.get('Error', {}).get('Message', '')})") from None
