@@ -120,7 +120,10 @@ class RunConfig:
     """Worker-group restarts Ray Train may make after failures (Ray mode)."""
 
     def __post_init__(self):
-        _want(self, "run.name", bool(self.name) and "/" not in self.name, "non-empty, without '/'")
+        # The name is one directory (or key prefix) under `run.storage`: `..` would put the run in
+        # the storage's parent and `.` over the storage itself, beside the other runs.
+        _want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name,
+              "a non-empty name without '/', other than '.' or '..'")
         _want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
         _want(self, "run.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")
         _want(self, "run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, ">= 0 (0: per epoch)")

@@ -47,10 +47,19 @@ def test_overrides_are_typed():
     ("train.precision=fp16", r"train.precision must be auto, bf16 or fp32, got 'fp16'"),
     ("scaling.workers=-2", r"scaling.workers must be >= 0 .*got -2"),
     ("noequals", "key=value"),
+    # a run name is one directory under run.storage: never its parent, itself or a nested path
+    ("run.name=..", r"run.name must be a non-empty name without '/', other than '.' or '..', got '..'"),
+    ("run.name=.", r"run.name must be .*got '.'"),
+    ("run.name=a/b", r"run.name must be .*got 'a/b'"),
 ])
 def test_bad_overrides_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_ordinary_run_names_are_accepted():
+    for name in ("alice", "alice-2026.11.29_v2", "A", "..a", "my run"):
+        assert load_config(None, [f"run.name={name}"]).run.name == name
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):
