@@ -96,7 +96,7 @@ def _flock(local, uri: str, name: str) -> Iterator[None]:
 def _s3_lease(uri: str, name: str) -> Iterator[None]:
     import botocore.exceptions
     client = storage.s3_client()
-    bucket, key = storage.join(uri, LOCK)[len("s3://"):].split("/", 1)
+    bucket, key = storage.s3_split(storage.join(uri, LOCK))
     me = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
     body = json.dumps({"owner": me, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -69,13 +70,23 @@ def s3_client():
                                       retries={"max_attempts": 2}))
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what S3 clients accept (AWS itself is stricter)
+
+
+def s3_split(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/key` -> ("bucket", "some/key"); a URI without a usable bucket is an error."""
+    bucket, _, key = uri[len("s3://"):].rstrip("/").partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise StorageError(f"{uri}: an S3 URI needs a bucket name (letters, digits, '.', '-', '_') "
+                           "right after s3://, e.g. s3://bucket/prefix")
+    return bucket, key
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """URI -> (filesystem, path inside it): `s3://b/p` -> (S3, "b/p"); local -> absolute path."""
     if is_s3(uri):
-        path = uri[len("s3://"):].strip("/")
-        if not path:
-            raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
-        return s3_filesystem(), path
+        bucket, key = s3_split(uri)
+        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), str(local_path(uri))
 
 
@@ -244,7 +255,7 @@ def check_storage(uri: str) -> None:
             raise StorageError(f"storage directory {uri} is not writable")
         return
     import botocore.exceptions
-    bucket = uri[len("s3://"):].split("/", 1)[0]
+    bucket, _ = s3_split(uri)
     client = s3_client()
     try:
         client.head_bucket(Bucket=bucket)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from charrnn import checkpoint, storage
-from charrnn.config import Config
-from charrnn.errors import CheckpointError, StorageError
+from charrnn.config import Config, DataConfig
+from charrnn.corpus import load_text
+from charrnn.errors import CheckpointError, CorpusError, StorageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.vocab import Vocab
 
@@ -114,6 +115,18 @@ def test_storage_uris_other_than_local_or_s3_are_refused(saved, tmp_path, monkey
         with pytest.raises(StorageError, match="unsupported storage scheme"):
             checkpoint.load(uri)
     assert not list(tmp_path.glob("*:"))  # no directory named `gs:` was made
+
+
+def test_s3_uris_without_a_bucket_are_one_line():
+    assert storage.s3_split("s3://bucket/runs/alice/") == ("bucket", "runs/alice")
+    assert storage.s3_split("s3://bucket") == ("bucket", "")
+    for uri in ("s3://", "s3:///runs", "s3://my bucket/runs"):
+        with pytest.raises(StorageError, match="an S3 URI needs a bucket name"):
+            storage.check_storage(uri)  # was botocore's ParamValidationError, a traceback
+        with pytest.raises(StorageError, match="an S3 URI needs a bucket name"):
+            checkpoint.load(uri)
+    with pytest.raises(CorpusError, match="names a bucket; give the text's object"):
+        load_text(DataConfig(corpus="s3://bucket/"))
 
 
 def _tamper(d, name, edit):
