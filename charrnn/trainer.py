@@ -49,8 +49,12 @@ def fit(cfg: Config) -> str:
     storage.check_storage(cfg.run.storage)  # a clear error now rather than a hang later
     # Workers must reach the same endpoint: it (not a secret) travels in the config. Credentials
     # never do; each process reads them from its own environment (Secret, IAM role, ~/.aws).
+    # A local storage path becomes absolute: Ray Train workers do not run in this directory, and
+    # a relative one would have them write checkpoints and `winner.json` somewhere else.
+    local = storage.local_path(cfg.run.storage)
     cfg = cfg.replace(run=dataclasses.replace(
-        cfg.run, s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
+        cfg.run, storage=str(local) if local else cfg.run.storage,
+        s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
     cfg, vocab, ids = prepare(cfg)
     ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)
     with run_lock(uri, cfg.run.name):
@@ -132,7 +136,7 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     if storage.is_s3(cfg.run.storage):
         fs, storage_path = storage.resolve(cfg.run.storage)
     else:
-        fs, storage_path = None, str(storage.local_path(cfg.run.storage))
+        fs, storage_path = None, cfg.run.storage  # made absolute by `fit`
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config, "ids": ray.put(ids), "mode": "ray"},

@@ -249,23 +249,29 @@ def _ray_workers():
             if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_a_local_run_continues_on_ray_train(ray_local, corpus_path, tmp_path):
+def test_a_local_run_continues_on_ray_train(ray_local, corpus_path, tmp_path, monkeypatch):
     """The first Ray attempt of a run trained in local mode starts from its latest checkpoint:
     nothing the local run saved is retrained, overwritten or pruned. Back to local mode is
-    refused with one line (the unit test of `dist.resume_point` covers the rules)."""
-    fit(_cfg(corpus_path, str(tmp_path), "moved"))  # local mode: 2 epochs of 127 steps
-    run = tmp_path / "moved"
+    refused with one line (the unit test of `dist.resume_point` covers the rules).
+
+    The storage is a relative path, as in `--storage ./runs`: Ray Train workers do not run in
+    the driver's directory, and used to write their checkpoints under their own while rank 0's
+    `winner.json` check looked for them (and failed) under the driver's."""
+    monkeypatch.chdir(tmp_path)
+    fit(_cfg(corpus_path, "runs", "moved"))  # local mode: 2 epochs of 127 steps
+    run = tmp_path / "runs" / "moved"
     local_history = json.loads((run / "metrics.json").read_text())
     saved = {p.name: (p / "model.pt").read_bytes() for p in run.glob("checkpoint_*")}
     assert sorted(saved) == ["checkpoint_00000127", "checkpoint_00000254"]
-    fit(_cfg(corpus_path, str(tmp_path), "moved", "scaling.workers=1", "train.epochs=3"))
+    winner = fit(_cfg(corpus_path, "./runs", "moved", "scaling.workers=1", "train.epochs=3"))
+    assert winner == str(run / "winner.json")
     for name, weights in saved.items():
         assert (run / name / "model.pt").read_bytes() == weights
     ray_ckpt = checkpoint.load(str(run / "checkpoint_00000381"))
     assert ray_ckpt.meta["history"][:2] == local_history  # continued, not started over
     assert [m["step"] for m in json.loads((run / "metrics.json").read_text())] == [127, 254, 381]
     with pytest.raises(CharrnnError, match="trained by Ray Train workers"):
-        fit(_cfg(corpus_path, str(tmp_path), "moved", "train.epochs=4"))
+        fit(_cfg(corpus_path, "runs", "moved", "train.epochs=4"))
 
 
 def test_a_diverged_loss_ends_a_ray_run_without_retries(ray_local, corpus_path, tmp_path, capfd):
