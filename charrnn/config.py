@@ -154,6 +154,12 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
+    def __post_init__(self):
+        # Validation reads whole `seq_len` chunks: fewer characters would score none.
+        _want(self.train, "train.eval_max_chars", self.train.eval_max_chars == 0 or
+              self.train.eval_max_chars >= self.data.seq_len,
+              f"0 (all) or at least data.seq_len ({self.data.seq_len})")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -105,13 +105,19 @@ def val_chunks(val: Split, rank: int = 0, world: int = 1, streams: int = VAL_STR
     `max_chars` > 0 scores only the start of the held-out text (for very large corpora).
     Yields (x, y), each (S, T) for this rank's streams (every world-th). Every chunk of a rank
     has the same S, so the state carries over; the ragged tail of each stream is dropped.
+    Needs `min(len(val.ids) - 1, max_chars or inf) >= seq_len` (`split_corpus` and `Config`
+    make sure of it).
     """
     n = len(val.ids) - 1
     if max_chars:
         n = min(n, max_chars)  # the first `max_chars` held-out characters
-    streams = max(world, min(streams, n // val.seq_len))
+    # One stream per rank at least, but never shorter than one chunk: a held-out text of fewer
+    # chunks than ranks leaves the last ranks without a stream (their sums are zero).
+    streams = min(max(world, streams), n // val.seq_len)
     length = n // streams // val.seq_len * val.seq_len  # per stream, whole chunks
     mine = np.arange(streams)[rank::world] * (n // streams)  # (S,) stream starts
+    if not len(mine):
+        return
     for t in range(0, length, val.seq_len):
         yield val.gather(mine + t)
 

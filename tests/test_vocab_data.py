@@ -59,6 +59,16 @@ def test_val_streams_split_across_ranks_without_overlap():
     assert not set(ranks[0].ravel().tolist()) & set(ranks[1].ravel().tolist())
 
 
+def test_a_held_out_text_shorter_than_one_chunk_per_rank_is_still_scored():
+    # 1,100 characters: 110 held out, one 100-character chunk, and 2 (or 4) workers. Every rank
+    # used to get a stream shorter than a chunk, no rank scored anything, and the run died with
+    # ZeroDivisionError in the all-reduced mean.
+    _, val = split_corpus(np.arange(1100, dtype=np.int32), DataConfig(seq_len=100, stride=100))
+    for world in (1, 2, 4):
+        per_rank = [[x.shape for x, _ in val_chunks(val, r, world)] for r in range(world)]
+        assert per_rank[0] == [(1, 100)] and all(p == [] for p in per_rank[1:])
+
+
 def test_offsets_and_order_change_with_the_epoch_and_are_reproducible():
     train, _ = split_corpus(_ids(5000), DataConfig(seq_len=20, stride=20))
     plans = [EpochPlan(train, seed=7, epoch=e) for e in range(6)]
