@@ -212,7 +212,7 @@ def read_winner(uri: str) -> dict:
         raise CheckpointError(f"{uri}: not a valid winner manifest ({e})") from None
     except CharrnnError as e:
         raise CheckpointError(f"cannot read winner manifest: {e}") from None
-    if "checkpoint" not in manifest:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoint"), str):
         raise CheckpointError(f"{uri}: not a winner manifest (no 'checkpoint' field)")
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     manifest["checkpoint_uri"] = storage.join(base, manifest["checkpoint"])

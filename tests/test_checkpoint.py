@@ -79,6 +79,10 @@ def test_winner_manifest_resolves_and_refuses_partial_checkpoints(saved, tmp_pat
     (d / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="not publishing"):
         checkpoint.write_winner(str(run), m)
+    for bad in ("5", "[1]", '{"checkpoint": 7}', "{nope"):  # each was a TypeError or worse
+        (tmp_path / "w.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="not a (valid )?winner manifest"):
+            checkpoint.resolve(str(tmp_path / "w.json"))
 
 
 def test_a_failed_local_upload_leaves_nothing_behind(saved, tmp_path, monkeypatch):
