@@ -65,7 +65,11 @@ def epoch_step(meta: dict, batch_size: int, world: int, steps_per_epoch: int) ->
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:
-    """`section.key old -> new` for each data/train/run/scaling setting that differs."""
+    """`section.key old -> new` for each data/train/run/scaling setting that differs (but
+    `run.storage`)."""
     a, b = old.to_dict(), new.to_dict()
+    # Where the run lives is where its checkpoint was just found: a relative `./runs` saved by an
+    # older version, or a copied run, is the same run, not a changed setting.
+    a["run"].pop("storage"), b["run"].pop("storage")
     return [f"{sec}.{k} {a[sec].get(k)!r} -> {v!r}" for sec in ("data", "train", "run", "scaling")
             for k, v in b[sec].items() if a[sec].get(k) != v]

@@ -154,6 +154,9 @@ class Trainer:
             runlog.say(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
                        f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
                        f"{t.epochs} epochs, device {self.b.device}")
+            if self.epoch >= t.epochs:
+                runlog.say(f"run {self.cfg.run.name!r} has already trained its {t.epochs} epochs; "
+                           "--epochs N (N > that) trains it further")
         try:
             while self.epoch < t.epochs:
                 out_of_time = self._run_epoch()

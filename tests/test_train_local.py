@@ -97,6 +97,18 @@ def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, cap
     assert lrs == pytest.approx([0.01 * 0.1, 0.001 * 0.1])  # each run ends annealed to 10%
 
 
+def test_a_finished_run_says_so_and_a_copied_run_resumes_without_noise(corpus_path, tmp_path,
+                                                                        capsys):
+    import shutil
+    fit(_cfg(corpus_path, tmp_path / "a", "done", "train.epochs=1"))
+    shutil.copytree(tmp_path / "a" / "done", tmp_path / "b" / "done")  # a run moved elsewhere
+    capsys.readouterr()
+    fit(_cfg(corpus_path, tmp_path / "b", "done", "train.epochs=1"))
+    out = capsys.readouterr().out
+    assert "run 'done' has already trained its 1 epochs; --epochs N" in out
+    assert "changed since" not in out  # where a run lives is not a changed setting
+
+
 def test_a_diverged_loss_stops_the_run_and_saves_nothing_of_it(corpus_path, tmp_path):
     """A NaN loss used to train on to the end, save NaN checkpoints and publish a winner.json
     with `"val_loss": NaN` (not JSON). Now the run stops at the first non-finite step with one
