@@ -121,6 +121,19 @@ def test_storage_uris_other_than_local_or_s3_are_refused(saved, tmp_path, monkey
     assert not list(tmp_path.glob("*:"))  # no directory named `gs:` was made
 
 
+def test_storage_inside_a_submitted_jobs_working_dir_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir . -- python jobs/train.py --storage ./runs` would write the
+    run into Ray's unpacked copy of the job's files, deleted later and not shared by the next
+    submission (resuming would silently start over)."""
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    with pytest.raises(StorageError, match="inside the working directory that `ray job submit`"):
+        storage.check_storage("./runs")
+    assert not (job_dir / "runs").exists()
+    storage.check_storage(str(tmp_path / "runs"))  # anywhere else is fine
+
+
 def test_s3_uris_without_a_bucket_are_one_line():
     assert storage.s3_split("s3://bucket/runs/alice/") == ("bucket", "runs/alice")
     assert storage.s3_split("s3://bucket") == ("bucket", "")
