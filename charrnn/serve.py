@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -309,5 +309,8 @@ def build_app(args: dict) -> serve.Application:
     """
     cfg = serve_config_from_args(args)
     storage.configure()
+    local = storage.local_path(cfg.checkpoint)
+    if local is not None:  # replicas need not share this process's working directory
+        cfg = replace(cfg, checkpoint=str(local))
     checkpoint.resolve(cfg.checkpoint)
     return CharRNNServer.bind({k: getattr(cfg, k) for k in cfg.__dataclass_fields__})

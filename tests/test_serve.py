@@ -310,6 +310,17 @@ def test_shipped_serve_config_is_valid():
     serve_config_from_args(app["args"])
 
 
+def test_a_relative_checkpoint_path_reaches_replicas_absolute(tiny_run, monkeypatch):
+    """`serve run charrnn.serve:build_app checkpoint=runs/alice/winner.json`: replicas (and the
+    watcher re-reading winner.json) may run in another directory than the builder."""
+    from charrnn.serve import build_app
+    storage, name, _ = tiny_run
+    monkeypatch.chdir(storage)
+    app = build_app({"checkpoint": f"{name}/winner.json"})
+    args = app._bound_deployment.init_args[0]
+    assert args["checkpoint"] == str(storage / name / "winner.json")
+
+
 def test_serve_cli_run_and_deploy(tiny_run, tmp_path):
     """`serve deploy serve_config.yaml` and `serve run charrnn.serve:build_app checkpoint=URI`
     against a `ray start --head` cluster with token auth."""
