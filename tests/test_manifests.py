@@ -64,6 +64,13 @@ def test_rayjob_entrypoint_parses():
     args = train.parse_args(argv[2:])
     assert args.workers == 2 and args.storage.startswith("s3://")
     assert (ROOT / args.config).is_file()
+    # Each training worker takes all but one CPU of a worker pod: Ray gives it floor(CPUs) torch
+    # threads, and the CPU left over runs Ray Data (a worker holding every CPU starves it).
+    from charrnn.config import load_config
+    cpus = load_config(str(ROOT / args.config), args.overrides).scaling.cpus_per_worker
+    group = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    pod_cpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert cpus == pod_cpus - 1 and group["replicas"] >= args.workers
 
 
 def test_rayservice_serve_config_is_valid():
