@@ -5,19 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from charrnn.errors import CharrnnError
+from charrnn.errors import CharrnnError, Interrupted
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    from charrnn.train_loop import Interrupted
     try:
         return main()
     except CharrnnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted:
-        print("interrupted: checkpoint saved; run the same command again to resume",
-              file=sys.stderr)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

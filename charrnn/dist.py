@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from charrnn import runlog, storage
-from charrnn.checkpoint import missing_files
+from charrnn.checkpoint import WINNER, missing_files, read_winner
 from charrnn.data import local_index_batches
 from charrnn.errors import CharrnnError
 
@@ -39,7 +39,9 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
     Each mode keeps its own record (`KEEPER_INDEX`, `RAY_SNAPSHOT`) and names checkpoints by step.
     Ray Train resumes from its record alone: started over a local run, it would retrain from step
     0 and overwrite and prune the local run's checkpoints. The local keeper would do the same to
-    a Ray run. So local -> Ray hands over the latest checkpoint, and Ray -> local is refused.
+    a Ray run. So local -> Ray hands over the latest checkpoint, and Ray -> local is refused. A
+    Ray run with a winner but no snapshot yet (stopped before Ray recorded its first checkpoint)
+    hands over its winner the same way.
     """
     if not ray_mode:
         if storage.exists(storage.join(run_uri, RAY_SNAPSHOT)):
@@ -48,7 +50,14 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
                 "(N >= 1), or start a new run with another --name")
         return None
     entries = keeper_entries(run_uri)
-    return storage.join(run_uri, entries[-1]["name"]) if entries else None
+    if entries:
+        return storage.join(run_uri, entries[-1]["name"])
+    if not storage.exists(storage.join(run_uri, RAY_SNAPSHOT)) and \
+            storage.exists(storage.join(run_uri, WINNER)):
+        # A Ray run stopped (Ctrl-C, a lost driver) after rank 0 published a checkpoint but before
+        # Ray Train's controller recorded one in its snapshot: Ray would start over and retrain.
+        return read_winner(storage.join(run_uri, WINNER))["checkpoint_uri"]
+    return None
 
 
 def keeper_entries(run_uri: str) -> list[dict]:

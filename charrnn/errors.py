@@ -32,3 +32,10 @@ class StorageError(CharrnnError):
 
 class TrainingDiverged(CharrnnError):
     """The loss became NaN or infinite; nothing from that point on was saved."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C ended training; the message says what was kept and how to go on (exit status 130)."""
+
+    def __init__(self, message: str = "checkpoint saved; run the same command again to resume"):
+        super().__init__(message)

@@ -23,14 +23,10 @@ from charrnn import checkpoint, resume, runlog, storage
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
-from charrnn.errors import TrainingDiverged
+from charrnn.errors import Interrupted, TrainingDiverged
 from charrnn.generate import SampleParams, generate
 from charrnn.model import CharRNN
 from charrnn.vocab import Vocab
-
-
-class Interrupted(Exception):
-    """Raised in local mode after Ctrl-C, once the checkpoint is saved."""
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -20,7 +20,7 @@ from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
-from charrnn.errors import CharrnnError, TrainingDiverged
+from charrnn.errors import CharrnnError, Interrupted, TrainingDiverged
 from charrnn.runlock import run_lock
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
@@ -153,7 +153,13 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
         datasets={"train": dataset},
     )
     stopped_error(loop_config["run_uri"])  # a note left by an earlier attempt is old news
-    trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
+    try:
+        trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and its `ray.get` then raises
+        # SystemExit(1) here, silently. What the run reported is kept.
+        raise Interrupted("Ray Train stopped the run; its reported checkpoints are kept, and the "
+                          "same command resumes from the latest") from None
     error = stopped_error(loop_config["run_uri"])
     if error:  # every worker stopped on it (`Backend.stop`): a diverged loss
         raise TrainingDiverged(error)

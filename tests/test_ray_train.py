@@ -326,6 +326,28 @@ def test_more_workers_than_this_machine_is_one_error_line(corpus_path, tmp_path)
     assert time.monotonic() - t < 100
 
 
+def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path):
+    """Ray Train's SIGINT handler aborts the run, after which its `ray.get` raised SystemExit(1):
+    the job ended with status 1 and not a word. Now: one line, status 130, and the rerun resumes."""
+    argv = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "configs/tiny.yaml",
+            "--corpus", str(corpus_path), "--storage", str(tmp_path), "--name", "int",
+            "--workers", "1"]
+    p = subprocess.Popen([*argv, "--epochs", "200"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "int" / "winner.json").exists(), 240, "a first checkpoint")
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted: Ray Train stopped the run; its reported checkpoints are kept" in err
+    again = subprocess.run([*argv, "--max-minutes", "0.05"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming run 'int' from its checkpoint at step" in again.stdout + again.stderr
+
+
 def test_ray_job_submit_end_to_end(corpus_path):
     with moto_server() as s3env:
         s3_client(s3env).create_bucket(Bucket="jobs")

@@ -9,7 +9,8 @@ import torch
 from charrnn import checkpoint
 from charrnn.config import load_config
 from charrnn.dist import LocalBackend
-from charrnn.train_loop import Interrupted, Trainer
+from charrnn.errors import Interrupted
+from charrnn.train_loop import Trainer
 from charrnn.trainer import fit, prepare
 from tests.conftest import ROOT, run_job
 
@@ -343,6 +344,14 @@ def test_a_run_moves_from_local_mode_to_ray_train_never_back(tmp_path):
             (run / name / f).write_text("")
     assert resume_point(str(run), "r", ray_mode=True) == f"{run}/checkpoint_00000020"
     assert resume_point(str(run), "r", ray_mode=False) is None  # the keeper resumes itself
+    # A Ray run stopped before Ray Train wrote its snapshot: its winner is handed over.
+    ray_run = tmp_path / "early"
+    ray_run.mkdir()
+    shutil.copytree(run / "checkpoint_00000010", ray_run / "checkpoint_00000010")
+    (ray_run / "winner.json").write_text(json.dumps({"checkpoint": "checkpoint_00000010"}))
+    assert resume_point(str(ray_run), "early", ray_mode=True) == f"{ray_run}/checkpoint_00000010"
+    (ray_run / RAY_SNAPSHOT).write_text("{}")  # from then on Ray Train resumes it itself
+    assert resume_point(str(ray_run), "early", ray_mode=True) is None
     (run / RAY_SNAPSHOT).write_text("{}")
     with pytest.raises(CharrnnError, match="run 'r' was trained by Ray Train workers: continue "
                                            r"it with --workers N \(N >= 1\)"):
