@@ -210,7 +210,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls, d: Any, prefix: str = ""):
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))
@@ -246,7 +246,9 @@ def apply_override(d: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        if not isinstance(node, str):
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {_yaml_error(e)}") from None
+        value = raw  # `--set data.drop_chars=[{` means those characters
     if isinstance(node, str) and not isinstance(value, str):
         value = raw  # `--set data.drop_chars=123` means the string "123"
     cursor = d
@@ -255,17 +257,26 @@ def apply_override(d: dict, assignment: str) -> None:
     cursor[parts[-1]] = value
 
 
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text quotes the source)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
+
+
 def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
     d: dict = {}
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}" + (" (a directory)" if p.is_dir() else ""))
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(f"{path}: invalid YAML: {_yaml_error(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for o in overrides:

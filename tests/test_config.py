@@ -72,6 +72,30 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+@pytest.mark.parametrize("content,match", [
+    (b"a: b: c\n", r"invalid YAML: mapping values are not allowed here \(line 1, column 5\)$"),
+    (b"train:\n  lr: [1\n", r"invalid YAML: expected ',' or ']'.* \(line 3, column 1\)$"),
+    (b"\xff\xfe", r"not UTF-8 text \(byte offset 0\)"),  # was a UnicodeDecodeError traceback
+    (b"- a\n- b\n", "top level must be a mapping of sections"),
+    (b"model: 5\n", r"^model: expected a mapping, got 5$"),
+])
+def test_a_bad_config_file_is_one_line(tmp_path, content, match):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(str(p))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="not found: .* \\(a directory\\)"):
+        load_config(str(tmp_path))
+
+
+def test_string_settings_take_any_text_from_set():
+    assert load_config(None, ["data.drop_chars=[{"]).data.drop_chars == "[{"
+    assert load_config(None, ["data.drop_chars=123"]).data.drop_chars == "123"
+    with pytest.raises(ConfigError, match=r"--set train.lr: cannot parse value '\[1': .*\(line 1"):
+        load_config(None, ["train.lr=[1"])
+
+
 @pytest.mark.parametrize("args,match", [
     ({"checkpoint": "x", "max_prompts": "0"}, r"serve.max_prompts must be >= 1, got 0"),
     ({"checkpoint": "x", "max_prompt_chars": 0}, r"serve.max_prompt_chars must be >= 1, got 0"),
