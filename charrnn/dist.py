@@ -41,10 +41,13 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
     0 and overwrite and prune the local run's checkpoints. The local keeper would do the same to
     a Ray run. So local -> Ray hands over the latest checkpoint, and Ray -> local is refused. A
     Ray run with a winner but no snapshot yet (stopped before Ray recorded its first checkpoint)
-    hands over its winner the same way.
+    hands over its winner the same way, and is refused to local mode too.
     """
+    has = {f: storage.exists(storage.join(run_uri, f)) for f in (RAY_SNAPSHOT, KEEPER_INDEX, WINNER)}
+    # Only Ray runs have a winner without the keeper's index (none yet in Ray's snapshot).
+    ray_run = has[RAY_SNAPSHOT] or (has[WINNER] and not has[KEEPER_INDEX])
     if not ray_mode:
-        if storage.exists(storage.join(run_uri, RAY_SNAPSHOT)):
+        if ray_run:
             raise CharrnnError(
                 f"run {run_name!r} was trained by Ray Train workers: continue it with --workers N "
                 "(N >= 1), or start a new run with another --name")
@@ -52,8 +55,7 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
     entries = keeper_entries(run_uri)
     if entries:
         return storage.join(run_uri, entries[-1]["name"])
-    if not storage.exists(storage.join(run_uri, RAY_SNAPSHOT)) and \
-            storage.exists(storage.join(run_uri, WINNER)):
+    if has[WINNER] and not has[RAY_SNAPSHOT]:
         # A Ray run stopped (Ctrl-C, a lost driver) after rank 0 published a checkpoint but before
         # Ray Train's controller recorded one in its snapshot: Ray would start over and retrain.
         return read_winner(storage.join(run_uri, WINNER))["checkpoint_uri"]

@@ -350,6 +350,8 @@ def test_a_run_moves_from_local_mode_to_ray_train_never_back(tmp_path):
     shutil.copytree(run / "checkpoint_00000010", ray_run / "checkpoint_00000010")
     (ray_run / "winner.json").write_text(json.dumps({"checkpoint": "checkpoint_00000010"}))
     assert resume_point(str(ray_run), "early", ray_mode=True) == f"{ray_run}/checkpoint_00000010"
+    with pytest.raises(CharrnnError, match="run 'early' was trained by Ray Train workers"):
+        resume_point(str(ray_run), "early", ray_mode=False)
     (ray_run / RAY_SNAPSHOT).write_text("{}")  # from then on Ray Train resumes it itself
     assert resume_point(str(ray_run), "early", ray_mode=True) is None
     (run / RAY_SNAPSHOT).write_text("{}")
