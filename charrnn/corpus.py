@@ -134,9 +134,13 @@ def clean(text: str, opts: DataConfig) -> str:
 
 
 def normalize_prompt(prompt: str, opts: DataConfig) -> str:
-    """Apply to a prompt the case and line-ending rules the model was trained with."""
+    """Apply to a prompt the line-ending, case and `drop_chars` rules the model was trained with
+    (a model trained without punctuation takes "hello, alice!" as "hello alice"). Characters
+    that `min_char_count` dropped are simply not in the vocabulary: the OOV policy decides."""
     prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")
-    return prompt.lower() if opts.lowercase else prompt
+    if opts.lowercase:
+        prompt = prompt.lower()
+    return prompt.translate({ord(c): None for c in opts.drop_chars}) if opts.drop_chars else prompt
 
 
 def load_text(opts: DataConfig) -> str:

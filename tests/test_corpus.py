@@ -28,6 +28,10 @@ def test_drop_chars_and_rare_chars(tmp_path):
     p.write_text("aaaa\nbbbb, c!\n")
     assert corpus.load_text(DataConfig(corpus=str(p), drop_chars=",!")) == "aaaa\nbbbb c\n"
     assert corpus.load_text(DataConfig(corpus=str(p), min_char_count=2)) == "aaaa\nbbbb\n"
+    # Prompts get the same cleaning: a model trained without punctuation takes it in prompts.
+    opts = DataConfig(drop_chars=",!")
+    assert corpus.normalize_prompt("Hello,\r\nAlice!", opts) == "hello\nalice"
+    assert corpus.normalize_prompt("Hello, Alice!", DataConfig(lowercase=False)) == "Hello, Alice!"
 
 
 def test_real_corpus_facts(corpus_path):
