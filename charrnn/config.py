@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 
 from charrnn.errors import ConfigError
 from charrnn.model import ModelConfig
+from charrnn.typed import check, from_dict, want, yaml_error
 
 
 @dataclass
@@ -44,11 +44,11 @@ class DataConfig:
     """The last fraction of the text held out for validation (split contiguously)."""
 
     def __post_init__(self):
-        _want(self, "data.seq_len", self.seq_len >= 1, ">= 1")
-        _want(self, "data.stride", self.stride >= 1, ">= 1")
-        _want(self, "data.val_fraction", 0.0 < self.val_fraction < 0.5, "in (0, 0.5)")
-        _want(self, "data.min_char_count", self.min_char_count >= 0, ">= 0")
-        _want(self, "data.decode_errors", self.decode_errors in ("strict", "replace"),
+        want(self, "data.seq_len", self.seq_len >= 1, ">= 1")
+        want(self, "data.stride", self.stride >= 1, ">= 1")
+        want(self, "data.val_fraction", 0.0 < self.val_fraction < 0.5, "in (0, 0.5)")
+        want(self, "data.min_char_count", self.min_char_count >= 0, ">= 0")
+        want(self, "data.decode_errors", self.decode_errors in ("strict", "replace"),
               "strict or replace")
 
 
@@ -86,20 +86,20 @@ class TrainConfig:
     """Validation scores at most this many held-out characters (0: all of them)."""
 
     def __post_init__(self):
-        _want(self, "train.epochs", self.epochs >= 1, ">= 1")
-        _want(self, "train.batch_size", self.batch_size >= 1, ">= 1")
-        _want(self, "train.lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
-        _want(self, "train.min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
-        _want(self, "train.warmup_steps", self.warmup_steps >= 0, ">= 0")
-        _want(self, "train.weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+        want(self, "train.epochs", self.epochs >= 1, ">= 1")
+        want(self, "train.batch_size", self.batch_size >= 1, ">= 1")
+        want(self, "train.lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        want(self, "train.min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        want(self, "train.warmup_steps", self.warmup_steps >= 0, ">= 0")
+        want(self, "train.weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
               "a finite number >= 0")
-        _want(self, "train.grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")
-        _want(self, "train.max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)")
-        _want(self, "train.precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
-        _want(self, "train.threads", self.threads >= 0, ">= 0 (0: the worker's CPU share)")
-        _want(self, "train.log_every_steps", self.log_every_steps >= 0, ">= 0 (0 disables)")
-        _want(self, "train.sample_chars", self.sample_chars >= 0, ">= 0")
-        _want(self, "train.eval_max_chars", self.eval_max_chars >= 0, ">= 0 (0: all)")
+        want(self, "train.grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")
+        want(self, "train.max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)")
+        want(self, "train.precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
+        want(self, "train.threads", self.threads >= 0, ">= 0 (0: the worker's CPU share)")
+        want(self, "train.log_every_steps", self.log_every_steps >= 0, ">= 0 (0 disables)")
+        want(self, "train.sample_chars", self.sample_chars >= 0, ">= 0")
+        want(self, "train.eval_max_chars", self.eval_max_chars >= 0, ">= 0 (0: all)")
 
 
 @dataclass
@@ -122,12 +122,12 @@ class RunConfig:
     def __post_init__(self):
         # The name is one directory (or key prefix) under `run.storage`: `..` would put the run in
         # the storage's parent and `.` over the storage itself, beside the other runs.
-        _want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name,
+        want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name,
               "a non-empty name without '/', other than '.' or '..'")
-        _want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
-        _want(self, "run.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")
-        _want(self, "run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, ">= 0 (0: per epoch)")
-        _want(self, "run.max_failures", self.max_failures >= -1, ">= -1 (-1: unlimited)")
+        want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
+        want(self, "run.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")
+        want(self, "run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, ">= 0 (0: per epoch)")
+        want(self, "run.max_failures", self.max_failures >= -1, ">= -1 (-1: unlimited)")
 
 
 @dataclass
@@ -140,10 +140,10 @@ class ScalingConfig:
     """CPUs reserved per worker: below 1 on small machines, so Ray Data keeps CPU to run on."""
 
     def __post_init__(self):
-        _want(self, "scaling.workers", self.workers >= 0, ">= 0 (0: local mode)")
-        _want(self, "scaling.gpus_per_worker", self.gpus_per_worker is None or self.gpus_per_worker >= 0,
+        want(self, "scaling.workers", self.workers >= 0, ">= 0 (0: local mode)")
+        want(self, "scaling.gpus_per_worker", self.gpus_per_worker is None or self.gpus_per_worker >= 0,
               ">= 0 or unset")
-        _want(self, "scaling.cpus_per_worker", self.cpus_per_worker > 0, "> 0")
+        want(self, "scaling.cpus_per_worker", self.cpus_per_worker > 0, "> 0")
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Config:
 
     def __post_init__(self):
         # Validation reads whole `seq_len` chunks: fewer characters would score none.
-        _want(self.train, "train.eval_max_chars", self.train.eval_max_chars == 0 or
+        want(self.train, "train.eval_max_chars", self.train.eval_max_chars == 0 or
               self.train.eval_max_chars >= self.data.seq_len,
               f"0 (all) or at least data.seq_len ({self.data.seq_len})")
 
@@ -173,61 +173,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)  # `from_dict` turns it into a ConfigError
-
-
-def _want(obj: Any, dotted: str, ok: bool, what: str) -> None:
-    """Fail with `<dotted> must be <what>, got <value>`: one field per message, its value shown."""
-    if not ok:
-        raise ValueError(f"{dotted} must be {what}, got {getattr(obj, dotted.rsplit('.', 1)[1])!r}")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and type(value) is tp:
-        return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def from_dict(cls, d: Any, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
-                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def apply_override(d: dict, assignment: str) -> None:
@@ -247,7 +192,7 @@ def apply_override(d: dict, assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         if not isinstance(node, str):
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {_yaml_error(e)}") from None
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {yaml_error(e)}") from None
         value = raw  # `--set data.drop_chars=[{` means those characters
     if isinstance(node, str) and not isinstance(value, str):
         value = raw  # `--set data.drop_chars=123` means the string "123"
@@ -255,13 +200,6 @@ def apply_override(d: dict, assignment: str) -> None:
     for p in parts[:-1]:
         cursor = cursor.setdefault(p, {})
     cursor[parts[-1]] = value
-
-
-def _yaml_error(e: yaml.YAMLError) -> str:
-    """PyYAML's error in one line: what is wrong and where (its own text quotes the source)."""
-    mark = getattr(e, "problem_mark", None)
-    what = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
 
 
 def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
@@ -276,7 +214,7 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] 
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {_yaml_error(e)}") from None
+            raise ConfigError(f"{path}: invalid YAML: {yaml_error(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for o in overrides:
@@ -318,17 +256,17 @@ class ServeConfig:
     """torch threads per replica; 0 keeps Ray's default (the replica's `num_cpus`)."""
 
     def __post_init__(self):
-        _check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
-        _want(self, "serve.watch_interval_s", self.watch_interval_s >= 0, ">= 0 (0: never)")
-        _want(self, "serve.max_batch_size", self.max_batch_size >= 1, ">= 1")
-        _want(self, "serve.batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0")
-        _want(self, "serve.max_chars_limit", self.max_chars_limit >= 1, ">= 1")
-        _want(self, "serve.max_prompts", self.max_prompts >= 1, ">= 1")
-        _want(self, "serve.max_prompt_chars", self.max_prompt_chars >= 1, ">= 1")
-        _want(self, "serve.max_body_bytes", self.max_body_bytes >= 1024, ">= 1024")
-        _want(self, "serve.device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
-        _want(self, "serve.precision", self.precision in ("fp32", "bf16"), "fp32 or bf16")
-        _want(self, "serve.threads", self.threads >= 0, ">= 0 (0: the replica's num_cpus)")
+        check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
+        want(self, "serve.watch_interval_s", self.watch_interval_s >= 0, ">= 0 (0: never)")
+        want(self, "serve.max_batch_size", self.max_batch_size >= 1, ">= 1")
+        want(self, "serve.batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0")
+        want(self, "serve.max_chars_limit", self.max_chars_limit >= 1, ">= 1")
+        want(self, "serve.max_prompts", self.max_prompts >= 1, ">= 1")
+        want(self, "serve.max_prompt_chars", self.max_prompt_chars >= 1, ">= 1")
+        want(self, "serve.max_body_bytes", self.max_body_bytes >= 1024, ">= 1024")
+        want(self, "serve.device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
+        want(self, "serve.precision", self.precision in ("fp32", "bf16"), "fp32 or bf16")
+        want(self, "serve.threads", self.threads >= 0, ">= 0 (0: the replica's num_cpus)")
 
 
 def serve_config_from_args(args: dict) -> ServeConfig:
