@@ -26,7 +26,7 @@ import torch
 
 from charrnn import storage
 from charrnn.config import Config
-from charrnn.errors import CharrnnError, CheckpointError
+from charrnn.errors import CharrnnError, CheckpointError, ConfigError
 from charrnn.model import CharRNN
 from charrnn.vocab import Vocab
 
@@ -92,7 +92,7 @@ def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu",
     if missing:
         raise CheckpointError(f"{uri or d}: incomplete checkpoint, missing {', '.join(missing)}")
     where = uri or str(d)
-    config = _read_json(d, "config.json", where, Config.from_dict)
+    config = _read_json(d, "config.json", where, _saved_config)
     vocab = _read_json(d, "vocab.json", where, Vocab.from_dict)
     meta = _read_json(d, "meta.json", where, _mapping)
     if meta.get("format") != FORMAT_VERSION:
@@ -115,6 +115,22 @@ def load_dir(path: str | Path, uri: str | None = None, device: str = "cpu",
         raise CheckpointError(f"{where}: model.pt does not match config.json's model "
                               f"({first[0]})") from None
     return Loaded(model.to(device).eval(), config, vocab, meta, where, d)
+
+
+def _saved_config(d: Any) -> Config:
+    """A checkpoint's config. A check added after it was saved may refuse one of its training
+    settings (run, train, scaling); that must not make the weights unusable: the model and data
+    sections (all that inference and the same-run check read) are then kept, the rest default."""
+    try:
+        return Config.from_dict(d)
+    except ConfigError as e:
+        if not isinstance(d, dict):
+            raise
+        config = Config.from_dict({k: d[k] for k in ("model", "data") if k in d})  # strict
+        from charrnn import runlog
+        runlog.say(f"warning: a saved training setting is no longer accepted ({e}); "
+                   "the checkpoint's model and data settings are used as they are")
+        return config
 
 
 def _mapping(value: Any) -> dict:

@@ -146,6 +146,22 @@ def test_s3_uris_without_a_bucket_are_one_line():
         load_text(DataConfig(corpus="s3://bucket/"))
 
 
+def test_a_training_setting_refused_by_a_later_rule_does_not_lock_the_weights(saved, capsys):
+    """This session refused run names '.' and '..'; a checkpoint saved under such a name (or any
+    training setting a later check refuses) still serves and generates."""
+    d, model, cfg, _ = saved
+    c = json.loads((d / "config.json").read_text())
+    c["run"]["name"], c["train"]["lr"] = "..", -1.0
+    (d / "config.json").write_text(json.dumps(c))
+    loaded = checkpoint.load(str(d))
+    assert loaded.config.model == cfg.model and loaded.config.data == cfg.data
+    assert "warning: a saved training setting is no longer accepted (train.lr must" in capsys.readouterr().out
+    c["model"]["hidden_size"] = -1  # the model's own settings stay strict
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata in config.json"):
+        checkpoint.load(str(d))
+
+
 def _tamper(d, name, edit):
     if name.endswith(".json"):
         (d / name).write_text(json.dumps(edit(json.loads((d / name).read_text()))))
