@@ -52,7 +52,7 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
             lease = client.get_object(Bucket=bucket, Key=key)
             raw = lease["Body"].read()
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+            if storage.s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
                 continue
             raise
         try:
@@ -66,11 +66,6 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
         runlog.say(f"taking over the lease of {holder} on {uri}/{LOCK}: not renewed for {age:.0f} s")
         return etag
     raise _busy(name, f"its lease {uri}/{LOCK} keeps changing hands")
-
-
-def _code(e) -> str:
-    """The S3 error code of a botocore ClientError ("" when it has none)."""
-    return e.response.get("Error", {}).get("Code", "")
 
 
 def _busy(name: str, why: str) -> CharrnnError:
@@ -105,14 +100,14 @@ def _s3_lease(uri: str, name: str) -> Iterator[None]:
         try:
             return client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)["ETag"]
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if storage.s3_error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return None
             raise
 
     try:
         etag = _acquire(client, bucket, key, put, name, uri)
     except botocore.exceptions.ClientError as e:
-        code = _code(e)
+        code = storage.s3_error_code(e)
         if code not in UNSUPPORTED:
             raise StorageError(f"{uri}/{LOCK}: cannot take the run lock ({code}: "
                                f"{e.response.get('Error', {}).get('Message', '')})") from None

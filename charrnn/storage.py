@@ -70,6 +70,11 @@ def s3_client():
                                       retries={"max_attempts": 2}))
 
 
+def s3_error_code(e) -> str:
+    """The S3 error code of a botocore ClientError ("" when it has none)."""
+    return e.response.get("Error", {}).get("Code", "")
+
+
 _BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what S3 clients accept (AWS itself is stricter)
 
 
@@ -275,7 +280,7 @@ def check_storage(uri: str) -> None:
         raise StorageError(f"{uri}: cannot reach the S3 endpoint {s3_endpoint() or '(AWS)'} "
                            "(check AWS_ENDPOINT_URL / run.s3_endpoint_url)") from None
     except botocore.exceptions.ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
+        code = s3_error_code(e)
         if code in ("404", "NoSuchBucket"):
             raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
         if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
