@@ -251,10 +251,11 @@ class Trainer:
         elapsed = self.elapsed_before + time.monotonic() - self.t0
         val_loss = vs / vc
         train_loss = ts / tc if tc else float("nan")
-        if tc and not math.isfinite(train_loss) or not math.isfinite(val_loss):
+        train_bad = tc and not math.isfinite(train_loss)
+        if train_bad or not math.isfinite(val_loss):
             # Every rank sees the same sums: all stop here, and no checkpoint of it is saved.
-            raise self._diverged(*(("training", train_loss) if tc and not math.isfinite(train_loss)
-                                   else ("validation", val_loss)))
+            raise (self._diverged("training", train_loss) if train_bad
+                   else self._diverged("validation", val_loss))
         metrics = {
             "epoch": self.epoch + self.epoch_step / self.steps_per_epoch,
             "step": self.step, "train_loss": train_loss, "val_loss": val_loss,
