@@ -26,6 +26,7 @@ from charrnn import runlog, storage
 from charrnn.checkpoint import WINNER, missing_files, read_winner
 from charrnn.data import local_index_batches
 from charrnn.errors import CharrnnError
+from charrnn.generate import pick_device
 
 KEEPER_INDEX = "checkpoints.json"  # the local keeper's record of a run's checkpoints
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's (tests pin it to Ray's name)
@@ -142,7 +143,7 @@ class LocalBackend(Backend):
     def __init__(self, run_uri: str, keep: int, device: str | None = None):
         self.run_uri = run_uri
         self.keep = keep
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or pick_device("auto"))
         self.entries: list[dict] = keeper_entries(run_uri)
 
     def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
