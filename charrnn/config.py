@@ -49,7 +49,7 @@ class DataConfig:
         want(self, "data.val_fraction", 0.0 < self.val_fraction < 0.5, "in (0, 0.5)")
         want(self, "data.min_char_count", self.min_char_count >= 0, ">= 0")
         want(self, "data.decode_errors", self.decode_errors in ("strict", "replace"),
-              "strict or replace")
+             "strict or replace")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class TrainConfig:
         want(self, "train.min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
         want(self, "train.warmup_steps", self.warmup_steps >= 0, ">= 0")
         want(self, "train.weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-              "a finite number >= 0")
+             "a finite number >= 0")
         want(self, "train.grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")
         want(self, "train.max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)")
         want(self, "train.precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
@@ -123,7 +123,7 @@ class RunConfig:
         # The name is one directory (or key prefix) under `run.storage`: `..` would put the run in
         # the storage's parent and `.` over the storage itself, beside the other runs.
         want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name,
-              "a non-empty name without '/', other than '.' or '..'")
+             "a non-empty name without '/', other than '.' or '..'")
         want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
         want(self, "run.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")
         want(self, "run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, ">= 0 (0: per epoch)")
@@ -142,7 +142,7 @@ class ScalingConfig:
     def __post_init__(self):
         want(self, "scaling.workers", self.workers >= 0, ">= 0 (0: local mode)")
         want(self, "scaling.gpus_per_worker", self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-              ">= 0 or unset")
+             ">= 0 or unset")
         want(self, "scaling.cpus_per_worker", self.cpus_per_worker > 0, "> 0")
 
 
@@ -157,8 +157,8 @@ class Config:
     def __post_init__(self):
         # Validation reads whole `seq_len` chunks: fewer characters would score none.
         want(self.train, "train.eval_max_chars", self.train.eval_max_chars == 0 or
-              self.train.eval_max_chars >= self.data.seq_len,
-              f"0 (all) or at least data.seq_len ({self.data.seq_len})")
+             self.train.eval_max_chars >= self.data.seq_len,
+             f"0 (all) or at least data.seq_len ({self.data.seq_len})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
