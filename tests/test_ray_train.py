@@ -255,8 +255,9 @@ def test_a_local_run_continues_on_ray_train(ray_local, corpus_path, tmp_path, mo
     refused with one line (the unit test of `dist.resume_point` covers the rules).
 
     The storage is a relative path, as in `--storage ./runs`: Ray Train workers do not run in
-    the driver's directory, and used to write their checkpoints under their own while rank 0's
-    `winner.json` check looked for them (and failed) under the driver's."""
+    the driver's directory. Ray stored the checkpoints under its absolute `storage_path`, while
+    rank 0 looked for them under the relative path from its own directory to publish
+    `winner.json`, failed, and every attempt ended there."""
     monkeypatch.chdir(tmp_path)
     fit(_cfg(corpus_path, "runs", "moved"))  # local mode: 2 epochs of 127 steps
     run = tmp_path / "runs" / "moved"
@@ -329,11 +330,10 @@ def test_more_workers_than_this_machine_is_one_error_line(corpus_path, tmp_path)
 def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path):
     """Ray Train's SIGINT handler aborts the run, after which its `ray.get` raised SystemExit(1):
     the job ended with status 1 and not a word. Now: one line, status 130, and the rerun resumes."""
-    argv = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "configs/tiny.yaml",
-            "--corpus", str(corpus_path), "--storage", str(tmp_path), "--name", "int",
-            "--workers", "1"]
-    p = subprocess.Popen([*argv, "--epochs", "200"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    args = ["--config", "configs/tiny.yaml", "--corpus", str(corpus_path), "--storage",
+            str(tmp_path), "--name", "int", "--workers", "1"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "200"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (tmp_path / "int" / "winner.json").exists(), 240, "a first checkpoint")
         p.send_signal(signal.SIGINT)
@@ -342,8 +342,7 @@ def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path)
         p.kill()
     assert p.returncode == 130, err[-2000:]
     assert "interrupted: Ray Train stopped the run; its reported checkpoints are kept" in err
-    again = subprocess.run([*argv, "--max-minutes", "0.05"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=240)
+    again = run_job("train.py", *args, "--max-minutes", "0.05")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming run 'int' from its checkpoint at step" in again.stdout + again.stderr
 
