@@ -100,7 +100,6 @@ def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, cap
 
 def test_a_finished_run_says_so_and_a_copied_run_resumes_without_noise(corpus_path, tmp_path,
                                                                         capsys):
-    import shutil
     fit(_cfg(corpus_path, tmp_path / "a", "done", "train.epochs=1"))
     shutil.copytree(tmp_path / "a" / "done", tmp_path / "b" / "done")  # a run moved elsewhere
     capsys.readouterr()
