@@ -269,11 +269,23 @@ def generate(
     """Completions (without their prompts) for a batch of prompts."""
     if isinstance(params, SampleParams):
         params = [params] * len(prompts)
-    steps = list(sample_ids(model, vocab, prompts, params, device, dtype))
-    if not steps:
+    # Steps are packed every CHUNK_STEPS into (B, CHUNK_STEPS) arrays of the vocabulary's dtype:
+    # a list of one (B,) tensor per step costs ~800 bytes a step, 1 GB for a million characters.
+    chunks, pending = [], []
+    for ids in sample_ids(model, vocab, prompts, params, device, dtype):
+        pending.append(ids)
+        if len(pending) == CHUNK_STEPS:
+            chunks.append(torch.stack(pending, 1).cpu().numpy().astype(vocab.dtype))
+            pending = []
+    if pending:
+        chunks.append(torch.stack(pending, 1).cpu().numpy().astype(vocab.dtype))
+    if not chunks:
         return [""] * len(prompts)
-    ids = torch.stack(steps, 1).cpu().numpy()  # (B, S): one transfer, decoded at the end
+    ids = np.concatenate(chunks, 1)  # (B, S), decoded at the end
     return [vocab.decode(row[: p.max_new_chars]) for row, p in zip(ids, params)]
+
+
+CHUNK_STEPS = 1024
 
 
 def pick_device(name: str) -> str:

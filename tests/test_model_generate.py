@@ -52,6 +52,17 @@ def test_same_seed_same_text_and_batch_independence(model):
     assert generate(model, VOCAB, ["the "], SampleParams(50, temperature=1.2, seed=43)) != one
 
 
+def test_long_generations_are_packed_in_chunks_with_the_same_text(model, monkeypatch):
+    """Ids are packed every CHUNK_STEPS steps (a list of one tensor per step took ~800 bytes a
+    character); chunk edges, a short last chunk and rows of other lengths change no text."""
+    import charrnn.generate as gen
+    params = [SampleParams(23, seed=5), SampleParams(9, seed=6), SampleParams(16, greedy=True)]
+    whole = generate(model, VOCAB, ["the ", "a", ""], params)
+    monkeypatch.setattr(gen, "CHUNK_STEPS", 4)
+    assert generate(model, VOCAB, ["the ", "a", ""], params) == whole
+    assert [len(t) for t in whole] == [23, 9, 16]
+
+
 def test_a_row_does_not_depend_on_the_filters_of_other_rows(model):
     p = SampleParams(40, temperature=0.9, seed=11)
     alone = generate(model, VOCAB, ["the "], p)[0]
