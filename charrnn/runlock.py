@@ -75,8 +75,14 @@ def _busy(name: str, why: str) -> CharrnnError:
 
 @contextlib.contextmanager
 def _flock(local, uri: str, name: str) -> Iterator[None]:
-    local.mkdir(parents=True, exist_ok=True)
-    with open(local / LOCK, "a") as f:
+    if local.exists() and not local.is_dir():
+        raise StorageError(f"run {name!r}: {uri} is a file, not a run directory; use another --name")
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        f = open(local / LOCK, "a")
+    except OSError as e:
+        raise StorageError(f"cannot create {uri}/{LOCK}: {e.strerror}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

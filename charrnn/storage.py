@@ -261,10 +261,13 @@ def check_storage(uri: str) -> None:
                 "uploaded: Ray deletes it after the job, and a resubmission with changed files gets "
                 "another one, so the run could neither be kept nor resumed; use s3://bucket/prefix "
                 "or an absolute path on storage every node shares")
+        if p.exists() and not p.is_dir():
+            raise StorageError(f"storage {uri} is a file, not a directory")
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"cannot create storage directory {uri}: {e.strerror}") from None
+            at = f" ({e.filename})" if e.filename and str(e.filename) != str(p) else ""
+            raise StorageError(f"cannot create storage directory {uri}: {e.strerror}{at}") from None
         if not os.access(p, os.W_OK):
             raise StorageError(f"storage directory {uri} is not writable")
         return

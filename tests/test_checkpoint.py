@@ -189,3 +189,16 @@ def test_damaged_checkpoint_files_get_one_line_errors(saved, tmp_path, name, edi
     _tamper(d, name, edit)
     with pytest.raises(CheckpointError, match=match):
         checkpoint.load(str(d))
+
+
+def test_storage_or_run_path_that_is_a_file_is_one_line(tmp_path):
+    from charrnn import runlock
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="is a file, not a directory"):
+        storage.check_storage(str(tmp_path / "file"))  # was "cannot create ...: File exists"
+    with pytest.raises(StorageError, match="Not a directory"):
+        storage.check_storage(str(tmp_path / "file" / "runs"))
+    with pytest.raises(StorageError, match="'file': .* is a file, not a run directory"):
+        with runlock.run_lock(str(tmp_path / "file"), "file"):  # was a FileExistsError traceback
+            pass
+    assert (tmp_path / "file").read_text() == "x"
