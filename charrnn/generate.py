@@ -44,7 +44,9 @@ class SampleParams:
     max_new_chars: int = 200
     """Characters generated after the prompt."""
     temperature: float = 1.0
-    """Softmax temperature (> 0); ignored when `greedy`."""
+    """Softmax temperature (> 0); ignored when `greedy`. Below `GREEDY_BELOW` a row is decoded
+    greedily, the limit as the temperature goes to 0 (in float32, logits / 1e-38 overflow to inf
+    and the softmax to NaN)."""
     top_k: int = 0
     """Sample among the k most likely characters (0: all)."""
     top_p: float = 1.0
@@ -163,6 +165,9 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
     return logits[torch.arange(len(texts)), lengths.to(device) - 1], state
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample as argmax (as vLLM does)
+
+
 class RowControls:
     """Per-row decoding settings as tensors, plus each row's own random stream.
 
@@ -171,11 +176,12 @@ class RowControls:
     """
 
     def __init__(self, params: Sequence[SampleParams], device):
-        self.temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+        greedy = [p.greedy or p.temperature < GREEDY_BELOW for p in params]
+        self.temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                                  device=device)
         self.top_k = torch.tensor([p.top_k for p in params], device=device)
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
-        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        self.greedy = torch.tensor(greedy, device=device)
         u = np.zeros((len(params), max([1] + [p.max_new_chars for p in params])), np.float32)
         for b, p in enumerate(params):
             u[b, : p.max_new_chars] = np.random.default_rng(p.seed).random(p.max_new_chars)

@@ -45,7 +45,7 @@ class GenerateRequest(BaseModel):
     prompt: str | None = Field(None, description="one prompt")
     prompts: list[str] | None = Field(None, description="several prompts, generated together")
     max_chars: int = Field(200, ge=0, description="characters to generate per prompt")
-    temperature: float = Field(1.0, description="> 0 unless greedy")
+    temperature: float = Field(1.0, description="> 0 unless greedy; below 1e-5 it decodes greedily")
     top_k: int | None = Field(None, ge=1, description="sample among the k likeliest")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     greedy: bool = Field(False, description="argmax decoding")

@@ -63,6 +63,18 @@ def test_long_generations_are_packed_in_chunks_with_the_same_text(model, monkeyp
     assert [len(t) for t in whole] == [23, 9, 16]
 
 
+def test_temperatures_near_zero_decode_greedily(model):
+    """logits / 1e-45 overflowed float32 to inf, the softmax to NaN, and the row printed the
+    vocabulary's last character forever; below 1e-5 a row now takes the argmax, the T -> 0
+    limit, also beside sampled rows."""
+    greedy = generate(model, VOCAB, ["the "], SampleParams(30, greedy=True))[0]
+    for t in (1e-6, 1e-30, 1e-45, 1e-300):
+        assert generate(model, VOCAB, ["the "], SampleParams(30, temperature=t, seed=1)) == [greedy]
+    mixed = generate(model, VOCAB, ["the ", "the "],
+                     [SampleParams(30, temperature=1e-300, seed=1), SampleParams(30, seed=2)])
+    assert mixed[0] == greedy
+
+
 def test_a_row_does_not_depend_on_the_filters_of_other_rows(model):
     p = SampleParams(40, temperature=0.9, seed=11)
     alone = generate(model, VOCAB, ["the "], p)[0]
