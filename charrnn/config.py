@@ -44,6 +44,8 @@ class DataConfig:
     """The last fraction of the text held out for validation (split contiguously)."""
 
     def __post_init__(self):
+        want(self, "data.corpus", bool(self.corpus.strip()),
+             "set (a path, s3://bucket/key, an http(s):// URL or gutenberg:<id>)")
         want(self, "data.seq_len", self.seq_len >= 1, ">= 1")
         want(self, "data.stride", self.stride >= 1, ">= 1")
         want(self, "data.val_fraction", 0.0 < self.val_fraction < 0.5, "in (0, 0.5)")

@@ -97,7 +97,11 @@ def main(argv=None) -> int:
 
             from charrnn.corpus import load_text
             from charrnn.data import random_prompt
-            data = replace(loaded.config.data, corpus=args.corpus) if args.corpus else loaded.config.data
+            try:
+                data = (replace(loaded.config.data, corpus=args.corpus) if args.corpus is not None
+                        else loaded.config.data)
+            except ValueError as e:
+                raise CharrnnError(f"--corpus: {e}") from None
             try:
                 text = load_text(data)
             except CharrnnError as e:

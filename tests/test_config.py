@@ -47,6 +47,7 @@ def test_overrides_are_typed():
     ("train.precision=fp16", r"train.precision must be auto, bf16 or fp32, got 'fp16'"),
     ("scaling.workers=-2", r"scaling.workers must be >= 0 .*got -2"),
     ("noequals", "key=value"),
+    ("data.corpus=", r"data.corpus must be set .*got ''"),  # was "--corpus  is a directory"
     ("train.eval_max_chars=50", r"train.eval_max_chars must be 0 \(all\) or at least data.seq_len \(100\)"),
     # a run name is one directory under run.storage: never its parent, itself or a nested path
     ("run.name=..", r"run.name must be a non-empty name without '/', other than '.' or '..', got '..'"),

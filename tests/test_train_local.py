@@ -286,6 +286,8 @@ def test_generate_cli_errors(tiny_run, tmp_path):
     (moved / "config.json").write_text(json.dumps(cfg))
     assert "--random-prompt: corpus file not found: " in _error_line(run_job(
         "generate.py", "--checkpoint", str(moved), "--random-prompt"))
+    assert "--corpus: data.corpus must be set" in _error_line(run_job(
+        "generate.py", "--checkpoint", str(moved), "--random-prompt", "--corpus", ""))
     assert "--device: device must be auto, cpu, cuda or cuda:N, got 'tpu'" in _error_line(run_job(
         "generate.py", "--checkpoint", run, "--prompt", "a", "--device", "tpu"))
     assert "--seed must be >= 0" in _error_line(run_job(
