@@ -20,42 +20,24 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
-from charrnn import checkpoint, storage
+from charrnn import api, checkpoint, storage
+from charrnn.api import HTTPError
 from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
-from charrnn.generate import Generator, SampleParamError, SampleParams, pick_device
+from charrnn.generate import Generator, SampleParams, pick_device
 
+app = api.api  # the FastAPI app (routes below, request schema and errors in api.py)
 log = logging.getLogger("ray.serve")
 bind_serve_grpc_to_node_ip()  # in the replica, before its gRPC server starts (binding.py)
 CHUNK_STEPS = 8  # characters per hand-off from the engine: streams stay smooth, the loop idle
-
-
-class GenerateRequest(BaseModel):
-    """Body of POST /generate and /generate/stream: `prompt` or `prompts`, and how to decode."""
-    prompt: str | None = Field(None, description="one prompt")
-    prompts: list[str] | None = Field(None, description="several prompts, generated together")
-    max_chars: int = Field(200, ge=0, description="characters to generate per prompt")
-    temperature: float = Field(1.0, description="> 0 unless greedy; below 1e-5 it decodes greedily")
-    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    greedy: bool = Field(False, description="argmax decoding")
-    seed: int | None = Field(None, ge=0, description="prompt i uses seed + i")
-    oov: Literal["error", "drop", "replace"] = Field("error", description="unknown characters")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
 
 
 @dataclass
@@ -64,23 +46,6 @@ class Row:
     params: SampleParams
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the request is cancelled (its client disconnected): the engine drops the row."""
-
-
-api = FastAPI(title="charrnn", description="Character-level LSTM text generation")
-
-
-@api.exception_handler(HTTPError)
-async def _http_error(_: Request, e: HTTPError):
-    return JSONResponse({"error": e.message}, status_code=e.status,
-                        headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
-
-
-def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
-    return "; ".join(parts)
 
 
 def _public(info: dict) -> dict:
@@ -96,7 +61,7 @@ def _public(info: dict) -> dict:
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
 )
-@serve.ingress(api)
+@serve.ingress(app)
 class CharRNNServer:
     def __init__(self, config: dict):
         self.cfg = serve_config_from_args(config)
@@ -208,51 +173,22 @@ class CharRNNServer:
         if not (header.startswith("Bearer ") and secrets.compare_digest(header[7:], self.token)):
             raise HTTPError(401, "missing or wrong bearer token")
 
-    async def _parse(self, request: Request) -> tuple[list[Row], GenerateRequest]:
+    async def _parse(self, request: Request) -> list[Row]:
         self._auth(request)
         limit = self.cfg.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPError(413, f"request body larger than {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise HTTPError(413, f"request body larger than {limit} bytes")
+        req, prompts, params = api.parse(await request.body(), self.cfg)
         try:
-            req = GenerateRequest.model_validate_json(body)
-        except ValidationError as e:
-            malformed = any(err["type"] == "json_invalid" for err in e.errors())
-            raise HTTPError(400 if malformed else 422,
-                            ("malformed JSON: " if malformed else "") + _validation_message(e)) from None
-        if (req.prompt is None) == (req.prompts is None):
-            raise HTTPError(422, "give exactly one of 'prompt' or 'prompts'")
-        prompts = [req.prompt] if req.prompt is not None else req.prompts
-        if not prompts or any(p == "" for p in prompts):
-            raise HTTPError(422, "prompts must be non-empty strings")
-        if len(prompts) > self.cfg.max_prompts:
-            raise HTTPError(422, f"{len(prompts)} prompts; at most {self.cfg.max_prompts} per request")
-        if any(len(p) > self.cfg.max_prompt_chars for p in prompts):
-            raise HTTPError(422, f"a prompt is longer than {self.cfg.max_prompt_chars} characters")
-        if req.max_chars > self.cfg.max_chars_limit:
-            raise HTTPError(422, f"max_chars {req.max_chars} is above the limit "
-                                 f"{self.cfg.max_chars_limit}")
-        if not req.greedy and req.temperature <= 0:
-            raise HTTPError(422, "temperature must be > 0 (or set greedy: true)")
-        try:
-            params = SampleParams(max_new_chars=req.max_chars, temperature=req.temperature,
-                                  top_k=req.top_k or 0, top_p=req.top_p, greedy=req.greedy,
-                                  seed=req.seed)
-            gen = self.current
-            clean = gen.prepare(prompts, req.oov)
-        except SampleParamError as e:  # named as in the request body
-            raise HTTPError(422, e.message({"max_new_chars": "max_chars"})) from None
-        except (ValueError, CharrnnError) as e:
+            clean = self.current.prepare(prompts, req.oov)
+        except (ValueError, CharrnnError) as e:  # characters outside the vocabulary
             raise HTTPError(422, str(e)) from None
-        return [Row(p, rp) for p, rp in zip(clean, Generator.row_params(params, len(clean)))], req
+        return [Row(p, rp) for p, rp in zip(clean, Generator.row_params(params, len(clean)))]
 
-    @api.post("/generate", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
+    @app.post("/generate", openapi_extra=api.BODY)
     async def generate(self, request: Request) -> JSONResponse:
         """Complete one prompt or a list of prompts; returns completions and the serving model."""
-        rows, _ = await self._parse(request)
+        rows = await self._parse(request)
         try:
             results = await asyncio.gather(*(self._batch(r) for r in rows))
         except asyncio.CancelledError:  # the client went away (Serve cancels its request)
@@ -262,11 +198,10 @@ class CharRNNServer:
         return JSONResponse({"completions": [text for text, _ in results],
                              "model": _public(results[0][1])})
 
-    @api.post("/generate/stream", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
+    @app.post("/generate/stream", openapi_extra=api.BODY)
     async def generate_stream(self, request: Request) -> StreamingResponse:
         """Stream one prompt's characters (text/plain) as they are generated."""
-        rows, _ = await self._parse(request)
+        rows = await self._parse(request)
         if len(rows) != 1:
             raise HTTPError(422, "/generate/stream takes a single 'prompt'")
         info = self.current.info
@@ -281,18 +216,18 @@ class CharRNNServer:
         return StreamingResponse(chars(), media_type="text/plain; charset=utf-8",
                                  headers={"X-Charrnn-Checkpoint": info["checkpoint"]})
 
-    @api.get("/healthz")
+    @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/model")
+    @app.get("/model")
     async def model(self) -> dict:
         """Which checkpoint is serving."""
         return {**_public(self.current.info), "source": self.source,
                 "source_error": self.source_error,
                 "params": self.current.model.num_params()}
 
-    @api.get("/stats")
+    @app.get("/stats")
     async def stats(self) -> dict:
         """Groups gathered by @serve.batch so far, by size, the most rows stepped together and
         the rows stepping now (of the model serving now)."""

@@ -118,12 +118,17 @@ def test_streaming(app):
     (b'{"prompts": []}', 422, "non-empty"),
     (b'{"prompt": "a\\u00e9\\u00f8"}', 422, "'é', 'ø'"),
     (b'{"prompt": "a", "max_chars": 501}', 422, "above the limit 500"),
-    (b'{"prompt": "a", "temperature": 0}', 422, "temperature must be > 0"),
+    (b'{"prompt": "a", "temperature": 0}', 422, "must be a finite number > 0 (or use greedy: true)"),
     (b'{"prompt": "a", "temperature": -1}', 422, "temperature"),
     (b'{"prompt": "a", "top_p": 0}', 422, "top_p"),
     (b'{"prompt": "a", "top_p": 1.5}', 422, "top_p"),
     (b'{"prompt": "a", "top_k": 0}', 422, "top_k"),
     (b'{"prompt": "a", "max_chars": "many"}', 422, "max_chars"),
+    # strict: no silent defaults or coercions (these were 200s with 200 characters, or 1 or 20)
+    (b'{"prompt": "a", "max_char": 20}', 422, "max_char: Extra inputs are not permitted"),
+    (b'{"prompt": "a", "max_chars": true}', 422, "max_chars: Input should be a valid integer"),
+    (b'{"prompt": "a", "max_chars": "20"}', 422, "max_chars: Input should be a valid integer"),
+    (b'{"prompt": "a", "greedy": "yes"}', 422, "greedy"),
     (b'{"prompt": "a", "seed": -1}', 422, "seed"),
     (b'{"prompt": "a", "temperature": NaN}', 422, "temperature must be a finite number"),
     (b'{"prompt": "a", "temperature": Infinity}', 422, "temperature must be a finite number"),
@@ -136,6 +141,12 @@ def test_bad_input_is_4xx_with_a_message(app, body, status, match):
     assert r.status_code == status, r.text
     assert match in r.json()["error"]
     assert post(app, prompt="a", max_chars=5).status_code == 200  # the replica stays healthy
+
+
+def test_unknown_paths_and_methods_answer_with_an_error_field(app):
+    assert requests.get(app + "/nope", timeout=30).json() == {"error": "Not Found"}
+    r = requests.get(app + "/generate", timeout=30)
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
 
 
 def test_greedy_needs_no_temperature_and_oov_policies(app):

@@ -1,0 +1,35 @@
+"""The HTTP request checks of the Serve app, without Serve (tests/test_serve.py sends them)."""
+import json
+import re
+
+import pytest
+
+from charrnn.api import HTTPError, parse
+from charrnn.config import ServeConfig
+
+CFG = ServeConfig(checkpoint="x", max_chars_limit=500, max_prompts=8, max_body_bytes=4096)
+
+
+def test_a_good_body_gives_prompts_and_decoding_settings():
+    req, prompts, params = parse(json.dumps({"prompts": ["a", "b"], "max_chars": 7, "top_k": 3,
+                                             "temperature": 1, "seed": 4}).encode(), CFG)
+    assert prompts == ["a", "b"] and req.oov == "error"
+    assert (params.max_new_chars, params.top_k, params.temperature, params.seed) == (7, 3, 1.0, 4)
+
+
+@pytest.mark.parametrize("body,status,match", [
+    (b"{not json", 400, "malformed JSON"),
+    (b'{"prompt": "a", "max_char": 20}', 422, "max_char: Extra inputs are not permitted"),
+    (b'{"prompt": "a", "max_chars": true}', 422, "max_chars: Input should be a valid integer"),
+    (b'{"prompt": "a", "max_chars": 20.0}', 422, "max_chars: Input should be a valid integer"),
+    (b'{"prompts": ["a", 1]}', 422, "prompts.1: Input should be a valid string"),
+    (b'{"prompt": "a", "temperature": 0}', 422,
+     r"^temperature must be a finite number > 0 \(or use greedy: true\)$"),
+    (b'{"prompt": "a", "max_chars": 501}', 422, "above the limit 500"),
+    (json.dumps({"prompt": "a" * 5000}).encode(), 413, "larger than 4096"),
+])
+def test_bad_bodies_are_one_line_errors(body, status, match):
+    with pytest.raises(HTTPError) as e:
+        parse(body, CFG)
+    assert e.value.status == status
+    assert e.value.message == e.value.message.strip() and re.search(match, e.value.message)
