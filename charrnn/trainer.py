@@ -80,7 +80,7 @@ def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: b
     if not short:
         return
     per_worker = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-    msg = (f"{workers} workers x {per_worker} need "
+    msg = (f"{workers} worker{'s' if workers != 1 else ''} x {per_worker} need{'s' if workers == 1 else ''} "
            + " and ".join(f"{need[k]:g} {k}" for k in short) + "; the Ray cluster has "
            + " and ".join(f"{have.get(k, 0.0):g} {k}" for k in short))
     if fixed:

@@ -317,6 +317,8 @@ def test_resources_a_cluster_cannot_supply():
         check_resources(4, 0.8, 0.0, have, fixed=True)
     with pytest.raises(CharrnnError, match=r"need 2 GPU; the Ray cluster has 0 GPU"):
         check_resources(2, 0.5, 1.0, have, fixed=True)
+    with pytest.raises(CharrnnError, match=r"^1 worker x 0.8 CPU \+ 1 GPU needs 1 GPU; the Ray "):
+        check_resources(1, 0.8, 1.0, have, fixed=True)
     check_resources(4, 0.8, 0.0, have, fixed=False)  # a cluster that may grow: Ray Train waits
 
 
