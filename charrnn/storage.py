@@ -145,13 +145,17 @@ def write_bytes(uri: str, data: bytes) -> None:
         if isinstance(fs, pafs.LocalFileSystem):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                Path(tmp).write_bytes(data)
+                os.replace(tmp, path)
+            except BaseException:  # a full disk: no half-written file left beside the run
+                Path(tmp).unlink(missing_ok=True)
+                raise
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
     except OSError as e:
-        raise _wrap(uri, e) from None
+        raise _local_error(uri, e) from None
 
 
 def write_text(uri: str, text: str) -> None:
@@ -179,7 +183,17 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         else:
             pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
     except OSError as e:
-        raise _wrap(uri, e) from None
+        raise _local_error(uri, e) from None
+
+
+def _local_error(uri: str, e: OSError) -> StorageError:
+    """A local write's error without its temporary paths: `cannot write URI: No space left on
+    device`. `shutil.copytree` raises one `shutil.Error` listing (src, dst, why) per file."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        return StorageError(f"cannot write {uri}: {e.args[0][0][2].split(': ', 1)[0].split('] ')[-1]}")
+    if e.strerror and e.errno is not None:
+        return StorageError(f"cannot write {uri}: {e.strerror}")
+    return _wrap(uri, e)
 
 
 def download_dir(uri: str, local_dir: str | Path, files: Sequence[str] | None = None) -> Path:

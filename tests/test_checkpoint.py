@@ -202,3 +202,32 @@ def test_storage_or_run_path_that_is_a_file_is_one_line(tmp_path):
         with runlock.run_lock(str(tmp_path / "file"), "file"):  # was a FileExistsError traceback
             pass
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from pathlib import Path
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.pt").write_bytes(b"x")
+    run = tmp_path / "run"
+    run.mkdir()
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def copy_fails(a, b, **kw):  # shutil.copytree's one error for every file it could not copy
+        Path(b).mkdir()
+        (Path(b) / "model.pt").write_bytes(b"half")
+        raise shutil.Error([(f"{a}/model.pt", f"{b}/model.pt", f"[Errno 28] {full.strerror}: "
+                             f"'{a}/model.pt' -> '{b}/model.pt'")])
+    monkeypatch.setattr(shutil, "copytree", copy_fails)
+    with pytest.raises(StorageError, match=r"^cannot write .*/run/ckpt: No space left on device$"):
+        storage.upload_dir(src, str(run / "ckpt"))  # was the shutil.Error list of temp paths
+
+    def write_fails(self, data):
+        open(self, "wb").write(data[:1])
+        raise full
+    monkeypatch.setattr(Path, "write_bytes", write_fails)
+    with pytest.raises(StorageError, match=r"^cannot write .*/run/winner.json: No space left"):
+        storage.write_text(str(run / "winner.json"), "{}")
+    assert list(run.iterdir()) == []  # no half copy, no .tmp file beside the run
