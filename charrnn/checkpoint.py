@@ -58,17 +58,24 @@ def save(directory: str | Path, model: CharRNN, config: Config, vocab: Vocab, me
     `model` must be the bare module (unwrap DDP first: see `dist.unwrap`).
     """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / "model.pt")
-    (d / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    (d / "vocab.json").write_text(json.dumps(vocab.to_dict()))
-    torch.save({
-        "optimizer": optimizer.state_dict() if optimizer else None,
-        "scheduler": scheduler.state_dict() if scheduler else None,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }, d / "train_state.pt")
-    (d / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=2))
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / "model.pt")
+        (d / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (d / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+        torch.save({
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        }, d / "train_state.pt")
+        (d / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}, indent=2))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  f"{str(e).splitlines()[0]} (is its disk full?)")
+        raise CheckpointError(f"cannot write a checkpoint into {d}: {reason} (training stages "
+                              "each checkpoint in the temporary directory, TMPDIR, before it "
+                              "is stored)") from None
     return d
 
 

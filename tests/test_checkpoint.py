@@ -231,3 +231,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, monkeypat
     with pytest.raises(StorageError, match=r"^cannot write .*/run/winner.json: No space left"):
         storage.write_text(str(run / "winner.json"), "{}")
     assert list(run.iterdir()) == []  # no half copy, no .tmp file beside the run
+
+
+def test_a_full_staging_disk_is_one_line(saved, tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError ('unexpected pos 20416 vs 20368'), json
+    writes OSError; both were tracebacks out of a training run."""
+    _, model, cfg, vocab = saved
+
+    def full(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 20416 vs 20368")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"cannot write a checkpoint into .*/again: "
+                                              r"\[enforce fail.* \(is its disk full\?\) .*TMPDIR"):
+        checkpoint.save(tmp_path / "again", model, cfg, vocab, {"step": 1})
