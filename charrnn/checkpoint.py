@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ WINNER = "winner.json"
 def dir_name(step: int) -> str:
     """A run's checkpoint directory for optimizer step `step` (what winner.json names)."""
     return f"checkpoint_{step:08d}"
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8,}")  # what `dir_name` gives
 
 
 @dataclass

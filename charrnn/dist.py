@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from charrnn import runlog, storage
-from charrnn.checkpoint import WINNER, missing_files, read_winner
+from charrnn.checkpoint import CHECKPOINT_NAME, WINNER, missing_files, read_winner
 from charrnn.data import local_index_batches
 from charrnn.errors import CharrnnError
 from charrnn.generate import pick_device
@@ -72,13 +72,19 @@ def keeper_entries(run_uri: str) -> list[dict]:
         return []
     try:
         entries = json.loads(storage.read_text(index))
-        names = [e["name"] for e in entries]
-    except (ValueError, TypeError, KeyError):
+    except ValueError:
+        entries = None
+    # Entries as the keeper writes them, and only those: one is resumed from, and may be pruned
+    # (deleted), so a name must be one of this run's checkpoint directories.
+    if not (isinstance(entries, list) and all(
+            isinstance(e, dict) and isinstance(e.get("name"), str)
+            and CHECKPOINT_NAME.fullmatch(e["name"]) and isinstance(e.get("val_loss"), (int, float))
+            for e in entries)):
         raise CharrnnError(f"{index}: not a checkpoint index; it is written by charrnn, "
-                           "restore it or start a new run with another --name") from None
+                           "restore it or start a new run with another --name")
     complete = []
-    for e, name in zip(entries, names):
-        ckpt = storage.join(run_uri, name)
+    for e in entries:
+        ckpt = storage.join(run_uri, e["name"])
         missing = missing_files(ckpt)
         if missing:
             runlog.say(f"warning: skipping {ckpt} listed in {KEEPER_INDEX}: missing "

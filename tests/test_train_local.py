@@ -377,3 +377,19 @@ def test_one_run_is_trained_by_one_process_at_a_time(corpus_path, tmp_path):
         assert not list((tmp_path / "busy").glob("checkpoint_*"))
     fit(_cfg(corpus_path, tmp_path, "busy", "train.epochs=1"))  # released: it trains
     assert (tmp_path / "busy" / "winner.json").is_file()
+
+
+@pytest.mark.parametrize("index", [
+    "garbage", "5", "{}", '[{"name": 5, "val_loss": 1}]', '[{"name": "checkpoint_00000018"}]',
+    # the keeper prunes entries it no longer keeps: a name outside the run would be deleted
+    '[{"name": "../other/checkpoint_00000018", "val_loss": 1.0}]',
+])
+def test_a_damaged_checkpoint_index_is_refused(tmp_path, index):
+    """Was an AttributeError or KeyError traceback for entries that are not the keeper's."""
+    from charrnn.dist import KEEPER_INDEX, keeper_entries
+    from charrnn.errors import CharrnnError
+    (tmp_path / KEEPER_INDEX).write_text(index)
+    with pytest.raises(CharrnnError, match="not a checkpoint index; it is written by charrnn"):
+        keeper_entries(str(tmp_path))
+    (tmp_path / KEEPER_INDEX).write_text("[]")
+    assert keeper_entries(str(tmp_path)) == []
