@@ -19,8 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn.generate import SampleParams, generate  # noqa: E402
+from charrnn.generate import generate  # noqa: E402
 from charrnn.model import CharRNN, ModelConfig  # noqa: E402
+from charrnn.sampling import SampleParams  # noqa: E402
 from charrnn.vocab import Vocab  # noqa: E402
 
 

@@ -52,7 +52,8 @@ def engine_gain(uri, args) -> dict:
 
     from charrnn import checkpoint
     from charrnn.engine import DONE, Engine
-    from charrnn.generate import Generator, SampleParams
+    from charrnn.generate import Generator
+    from charrnn.sampling import SampleParams
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)  # a replica with num_cpus=1 runs one thread
     gen = Generator(checkpoint.load(str(uri)), precision=args.precision)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from charrnn.config import ServeConfig
-from charrnn.generate import SampleParamError, SampleParams
+from charrnn.sampling import SampleParamError, SampleParams
 
 
 class GenerateRequest(BaseModel):

@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import requests
 
 from charrnn.errors import CharrnnError
-from charrnn.generate import Generator, SampleParams
+from charrnn.generate import Generator
+from charrnn.sampling import SampleParams
 
 RETRY_STATUSES = (502, 503, 504)
 RETRY_WAITS_S = (0.5, 1.0, 2.0, None)  # None: the last attempt

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from charrnn.generate import RowControls, SampleParams, Stepper, prefill, sample_next
+from charrnn.generate import Stepper, prefill
 from charrnn.model import CharRNN
+from charrnn.sampling import RowControls, SampleParams, sample_next
 from charrnn.vocab import Vocab
 
 CANCEL_CHECK_STEPS = 8  # how often rows are checked for callers that went away (a Python scan)

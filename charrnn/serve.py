@@ -32,7 +32,8 @@ from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
-from charrnn.generate import Generator, SampleParams, pick_device
+from charrnn.generate import Generator, pick_device
+from charrnn.sampling import SampleParams
 
 app = api.api  # the FastAPI app (routes below, request schema and errors in api.py)
 log = logging.getLogger("ray.serve")

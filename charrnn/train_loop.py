@@ -24,8 +24,9 @@ from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
 from charrnn.errors import Interrupted, TrainingDiverged
-from charrnn.generate import SampleParams, generate
+from charrnn.generate import generate
 from charrnn.model import CharRNN
+from charrnn.sampling import SampleParams
 from charrnn.vocab import Vocab
 
 

@@ -70,7 +70,7 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from charrnn.generate import SampleParamError, SampleParams
+    from charrnn.sampling import SampleParamError, SampleParams
     try:
         params = SampleParams(max_new_chars=args.max_chars, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)

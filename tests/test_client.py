@@ -8,7 +8,7 @@ import pytest
 
 from charrnn import client
 from charrnn.errors import CharrnnError
-from charrnn.generate import SampleParams
+from charrnn.sampling import SampleParams
 
 
 @pytest.fixture

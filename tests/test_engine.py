@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from charrnn.engine import DONE, Engine, _Group
-from charrnn.generate import SampleParams, generate
+from charrnn.generate import generate
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.sampling import SampleParams
 from charrnn.vocab import Vocab
 
 VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from charrnn.generate import SampleParamError, SampleParams, generate, sample_ids
+from charrnn.generate import generate, sample_ids
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.sampling import SampleParamError, SampleParams
 from charrnn.vocab import Vocab
 
 VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")
