@@ -22,6 +22,8 @@ def test_a_good_body_gives_prompts_and_decoding_settings():
     (b'{"prompt": "a", "max_char": 20}', 422, "max_char: Extra inputs are not permitted"),
     (b'{"prompt": "a", "max_chars": true}', 422, "max_chars: Input should be a valid integer"),
     (b'{"prompt": "a", "max_chars": 20.0}', 422, "max_chars: Input should be a valid integer"),
+    (b'{"prompt": "a", "max_chars": "20"}', 422, "max_chars: Input should be a valid integer"),
+    (b'{"prompt": "a", "greedy": "yes"}', 422, "greedy: Input should be a valid boolean"),
     (b'{"prompts": ["a", 1]}', 422, "prompts.1: Input should be a valid string"),
     (b'{"prompt": "a", "temperature": 0}', 422,
      r"^temperature must be a finite number > 0 \(or use greedy: true\)$"),
