@@ -68,7 +68,7 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
         if r.status_code != 200:
             try:
                 msg = r.json().get("error", r.text)
-            except ValueError:
+            except (ValueError, AttributeError):  # not JSON, or JSON but not an object
                 msg = r.text
             raise CharrnnError(f"{url} answered {r.status_code}: {msg}")
         try:
