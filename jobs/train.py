@@ -12,8 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Only light imports here: torch loads inside main(), under run_cli, so a Ctrl-C while it
+# loads exits cleanly too (status 130), not with an import traceback.
 from charrnn.cli import run_cli  # noqa: E402
-from charrnn.config import load_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "alice.yaml")
 
@@ -40,6 +41,7 @@ FLAG_KEYS = {"corpus": "data.corpus", "storage": "run.storage", "name": "run.nam
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from charrnn.config import load_config
     flags = [f"{key}={getattr(args, attr)}" for attr, key in FLAG_KEYS.items()
              if getattr(args, attr) is not None]
     cfg = load_config(args.config, [*flags, *args.overrides])

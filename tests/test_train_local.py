@@ -393,3 +393,14 @@ def test_a_damaged_checkpoint_index_is_refused(tmp_path, index):
         keeper_entries(str(tmp_path))
     (tmp_path / KEEPER_INDEX).write_text("[]")
     assert keeper_entries(str(tmp_path)) == []
+
+
+def test_entry_points_import_torch_inside_main():
+    """A Ctrl-C while torch loads (the first 2 s) was a KeyboardInterrupt traceback from an
+    import; inside main() it is run_cli's clean `interrupted` (status 130)."""
+    import subprocess
+    import sys
+    code = ("import sys; import jobs.train, jobs.generate; "
+            "sys.exit('torch imported at module level' if 'torch' in sys.modules else 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
