@@ -25,7 +25,7 @@ import torch
 from charrnn import runlog, storage
 from charrnn.checkpoint import CHECKPOINT_NAME, WINNER, missing_files, read_winner
 from charrnn.data import local_index_batches
-from charrnn.errors import CharrnnError
+from charrnn.errors import CharrnnError, CheckpointError, TrainingDiverged
 from charrnn.generate import pick_device
 
 KEEPER_INDEX = "checkpoints.json"  # the local keeper's record of a run's checkpoints
@@ -94,15 +94,16 @@ def keeper_entries(run_uri: str) -> list[dict]:
     return complete
 
 
-def stopped_error(run_uri: str) -> str | None:
+def stopped_error(run_uri: str) -> CharrnnError | None:
     """The driver's side of `RayBackend.stop`: the error that ended the run, once (the note is
     deleted, so a later attempt of the run starts clean)."""
     uri = storage.join(run_uri, STOPPED)
     if not storage.exists(uri):
         return None
-    error = json.loads(storage.read_text(uri))["error"]
+    note = json.loads(storage.read_text(uri))
     storage.delete_file(uri)
-    return error
+    kind = {c.__name__: c for c in (TrainingDiverged, CheckpointError)}.get(note.get("kind"))
+    return (kind or CharrnnError)(note["error"])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -228,7 +229,7 @@ class RayBackend(Backend):
         in a last report's metrics, since `Result.metrics` are those of the last checkpoint."""
         if self.is_writer:
             storage.write_text(storage.join(self.run_uri, STOPPED),
-                               json.dumps({"error": str(error)}))
+                               json.dumps({"error": str(error), "kind": type(error).__name__}))
 
     @contextlib.contextmanager
     def resume_checkpoint(self) -> Iterator[Path | None]:

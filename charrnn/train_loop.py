@@ -23,7 +23,7 @@ from charrnn import checkpoint, resume, runlog, storage
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
-from charrnn.errors import Interrupted, TrainingDiverged
+from charrnn.errors import CheckpointError, Interrupted, TrainingDiverged
 from charrnn.generate import generate
 from charrnn.model import CharRNN
 from charrnn.sampling import SampleParams
@@ -42,7 +42,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         backend: Backend = RayBackend(loop_config["run_uri"], loop_config.get("start_from"))
     else:
         backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints)
-    Trainer(cfg, vocab, ids, backend).fit()
+    try:
+        trainer = Trainer(cfg, vocab, ids, backend)
+    except CheckpointError as e:
+        # The checkpoint to resume from is damaged or of another model, vocabulary or held-out
+        # text: every rank reads the same one, so Ray Train's restarts would only fail again.
+        backend.stop(e)  # local mode: raises; Ray: the driver raises it, without retries
+        return
+    trainer.fit()
 
 
 def native_bf16(device: torch.device) -> bool:

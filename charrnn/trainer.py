@@ -20,7 +20,7 @@ from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
-from charrnn.errors import CharrnnError, Interrupted, TrainingDiverged
+from charrnn.errors import CharrnnError, Interrupted
 from charrnn.runlock import run_lock
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
@@ -69,6 +69,16 @@ def fit(cfg: Config) -> str:
     if not storage.exists(winner):
         raise CharrnnError(f"training finished without a winner manifest at {winner}")
     return winner
+
+
+def _charrnn_failure(e: Exception) -> str | None:
+    """`rank N: message` of the first worker whose failure is a CharrnnError, else None (a bug:
+    its traceback stays). Ray 2.60 wraps a worker's exception in `UserExceptionWithTraceback`."""
+    for rank, err in sorted(getattr(e, "worker_failures", {}).items()):
+        base = getattr(err, "_base_exc", err)
+        if isinstance(base, CharrnnError):
+            return f"rank {rank}: {base}"
+    return None
 
 
 def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: bool) -> None:
@@ -155,11 +165,19 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     stopped_error(loop_config["run_uri"])  # a note left by an earlier attempt is old news
     try:
         trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
+    except ray.train.WorkerGroupError as e:
+        # Ray Train gave up after `run.max_failures` restarts. It has logged each worker's
+        # traceback; a user's or the environment's error (storage, say) ends as one line.
+        failure = _charrnn_failure(e)
+        if failure is None:
+            raise
+        raise CharrnnError(f"Ray Train stopped the run after {cfg.run.max_failures} restart(s); "
+                           f"{failure}") from None
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and its `ray.get` then raises
         # SystemExit(1) here, silently. What the run reported is kept.
         raise Interrupted("Ray Train stopped the run; its reported checkpoints are kept, and the "
                           "same command resumes from the latest") from None
     error = stopped_error(loop_config["run_uri"])
-    if error:  # every worker stopped on it (`Backend.stop`): a diverged loss
-        raise TrainingDiverged(error)
+    if error:  # every worker stopped on it (`Backend.stop`): a diverged loss, a wrong checkpoint
+        raise error

@@ -273,6 +273,15 @@ def test_a_local_run_continues_on_ray_train(ray_local, corpus_path, tmp_path, mo
     assert [m["step"] for m in json.loads((run / "metrics.json").read_text())] == [127, 254, 381]
     with pytest.raises(CharrnnError, match="trained by Ray Train workers"):
         fit(_cfg(corpus_path, "runs", "moved", "train.epochs=4"))
+    # Resumed with another model: every worker finds it in the checkpoint and stops, at once.
+    # Raised, it was a worker failure: Ray Train restarted the group `run.max_failures` times,
+    # then fit() raised a WorkerGroupError traceback (a plain CharrnnError here, not this type).
+    from charrnn.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="^run 'moved' already holds a checkpoint of a "
+                                              "different model"):
+        fit(_cfg(corpus_path, "runs", "moved", "scaling.workers=1", "train.epochs=4",
+                 "model.hidden_size=48"))
+    assert not (run / "stopped.json").exists()  # the note is read once
 
 
 def test_a_diverged_loss_ends_a_ray_run_without_retries(ray_local, corpus_path, tmp_path, capfd):

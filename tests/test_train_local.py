@@ -404,3 +404,18 @@ def test_entry_points_import_torch_inside_main():
             "sys.exit('torch imported at module level' if 'torch' in sys.modules else 0)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_a_worker_failure_that_is_a_charrnn_error_is_one_line():
+    """What fit() makes of Ray Train's WorkerGroupError after its restarts: the first rank whose
+    error is a CharrnnError (unwrapped from Ray's UserExceptionWithTraceback), or None (a bug,
+    whose traceback stays)."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from charrnn.errors import StorageError
+    from charrnn.trainer import _charrnn_failure
+    wrapped = {1: UserExceptionWithTraceback(StorageError("s3://b/r: no such bucket"), "Traceback...")}
+    assert _charrnn_failure(WorkerGroupError("x", wrapped)) == "rank 1: s3://b/r: no such bucket"
+    bug = {0: UserExceptionWithTraceback(ZeroDivisionError("division by zero"), "Traceback...")}
+    assert _charrnn_failure(WorkerGroupError("x", bug)) is None
