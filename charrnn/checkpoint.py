@@ -181,6 +181,10 @@ def resolve(uri: str) -> str:
         return read_winner(storage.join(uri, WINNER))["checkpoint_uri"]
     if not storage.exists(uri):
         raise CheckpointError(f"no checkpoint at {uri}: the path does not exist")
+    runs = [r for r in storage.subdirs(uri) if storage.exists(storage.join(uri, r, WINNER))]
+    if runs:  # `--checkpoint runs`, the storage, for `runs/alice`, one of its runs
+        raise CheckpointError(f"{uri} holds runs, not a checkpoint: give one of them, e.g. "
+                              f"{storage.join(uri, runs[0])} (runs: {', '.join(runs[:10])})")
     raise CheckpointError(f"{uri} is neither a checkpoint directory (model.pt), a run directory "
                           f"({WINNER}) nor a winner manifest")
 

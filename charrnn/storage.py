@@ -120,6 +120,17 @@ def exists(uri: str) -> bool:
         raise _wrap(uri, e) from None
 
 
+def subdirs(uri: str, limit: int = 50) -> list[str]:
+    """Names of the directories right under `uri` (S3: common prefixes), sorted, at most
+    `limit` of them; [] when there is none or it cannot be listed."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)[:limit]
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:

@@ -244,3 +244,17 @@ def test_a_full_staging_disk_is_one_line(saved, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"cannot write a checkpoint into .*/again: "
                                               r"\[enforce fail.* \(is its disk full\?\) .*TMPDIR"):
         checkpoint.save(tmp_path / "again", model, cfg, vocab, {"step": 1})
+
+
+def test_the_storage_directory_names_its_runs(saved, tmp_path):
+    """`--checkpoint runs` (the storage) for `runs/alice` (a run) said only "neither a checkpoint
+    directory ... nor a winner manifest"."""
+    d, model, cfg, vocab = saved
+    runs = tmp_path / "runs"
+    for name in ("bob", "alice"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "winner.json").write_text("{}")
+    (runs / "not-a-run").mkdir()
+    with pytest.raises(CheckpointError, match=r"runs holds runs, not a checkpoint: give one of "
+                                              r"them, e.g. .*runs/alice \(runs: alice, bob\)$"):
+        checkpoint.load(str(runs))

@@ -13,7 +13,7 @@ import pytest
 
 from charrnn import checkpoint, storage
 from charrnn.config import load_config
-from charrnn.errors import CharrnnError, StorageError
+from charrnn.errors import CharrnnError, CheckpointError, StorageError
 from charrnn.trainer import fit, window_index_array
 from tests.conftest import ROOT, run_job
 from tests.services import bucket_objects, moto_server, ray_head, s3_client, wait_for, watch_listeners
@@ -119,6 +119,9 @@ def test_two_workers_to_s3_then_generate(ray_local, s3, corpus_path, tmp_path, c
                 "--seed", "1", env=s3)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("alice") and len(p.stdout) > 40
+    with pytest.raises(CheckpointError, match=r"^s3://charrnn/runs holds runs, not a checkpoint: "
+                                              r"give one of them, e.g. s3://charrnn/runs/ddp "):
+        checkpoint.load("s3://charrnn/runs")  # the storage, not the run
     # Same number of samples on one worker in local mode: the same loss, within noise.
     local = fit(_cfg(corpus_path, str(tmp_path), "one", "train.batch_size=64"))
     one = json.loads(Path(local).read_text())["val_loss"]
@@ -276,7 +279,6 @@ def test_a_local_run_continues_on_ray_train(ray_local, corpus_path, tmp_path, mo
     # Resumed with another model: every worker finds it in the checkpoint and stops, at once.
     # Raised, it was a worker failure: Ray Train restarted the group `run.max_failures` times,
     # then fit() raised a WorkerGroupError traceback (a plain CharrnnError here, not this type).
-    from charrnn.errors import CheckpointError
     with pytest.raises(CheckpointError, match="^run 'moved' already holds a checkpoint of a "
                                               "different model"):
         fit(_cfg(corpus_path, "runs", "moved", "scaling.workers=1", "train.epochs=4",
