@@ -45,9 +45,16 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
     hands over its winner the same way, and is refused to local mode too.
     """
     has = {f: storage.exists(storage.join(run_uri, f)) for f in (RAY_SNAPSHOT, KEEPER_INDEX, WINNER)}
-    # Only Ray runs have a winner without the keeper's index (none yet in Ray's snapshot).
+    # Only Ray runs have a winner without the keeper's index (none yet in Ray's snapshot)...
     ray_run = has[RAY_SNAPSHOT] or (has[WINNER] and not has[KEEPER_INDEX])
     if not ray_mode:
+        if ray_run and not has[RAY_SNAPSHOT] and _winner_workers(run_uri) == 0:
+            # ...or a local run whose index was removed: retraining would overwrite checkpoints
+            # no index lists any more, so it is refused too, in the right words.
+            raise CharrnnError(
+                f"run {run_name!r} has a {WINNER} but no {KEEPER_INDEX} (local mode's index of its "
+                "checkpoints): restore that file, continue with --workers N (Ray Train starts "
+                "from the winner), or start a new run with another --name")
         if ray_run:
             raise CharrnnError(
                 f"run {run_name!r} was trained by Ray Train workers: continue it with --workers N "
@@ -61,6 +68,16 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
         # Ray Train's controller recorded one in its snapshot: Ray would start over and retrain.
         return read_winner(storage.join(run_uri, WINNER))["checkpoint_uri"]
     return None
+
+
+def _winner_workers(run_uri: str) -> int | None:
+    """`scaling.workers` of the winner's checkpoint (0: local mode); None when unreadable."""
+    try:
+        ckpt = read_winner(storage.join(run_uri, WINNER))["checkpoint_uri"]
+        workers = json.loads(storage.read_text(storage.join(ckpt, "config.json")))["scaling"]["workers"]
+    except (CharrnnError, ValueError, KeyError, TypeError):
+        return None
+    return workers if isinstance(workers, int) else None
 
 
 def keeper_entries(run_uri: str) -> list[dict]:

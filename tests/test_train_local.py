@@ -355,6 +355,15 @@ def test_a_run_moves_from_local_mode_to_ray_train_never_back(tmp_path):
     assert resume_point(str(ray_run), "early", ray_mode=True) == f"{ray_run}/checkpoint_00000010"
     with pytest.raises(CharrnnError, match="run 'early' was trained by Ray Train workers"):
         resume_point(str(ray_run), "early", ray_mode=False)
+    # The same files from a local run (its saved config says 0 workers) whose index was removed:
+    # not a Ray run (as it was told), and not to be retrained over either.
+    (ray_run / "checkpoint_00000010" / "config.json").write_text(json.dumps({"scaling": {"workers": 0}}))
+    with pytest.raises(CharrnnError, match=r"run 'early' has a winner.json but no checkpoints.json "
+                                           r"\(local mode's index of its checkpoints\): restore"):
+        resume_point(str(ray_run), "early", ray_mode=False)
+    (ray_run / "checkpoint_00000010" / "config.json").write_text(json.dumps({"scaling": {"workers": 2}}))
+    with pytest.raises(CharrnnError, match="run 'early' was trained by Ray Train workers"):
+        resume_point(str(ray_run), "early", ray_mode=False)
     (ray_run / RAY_SNAPSHOT).write_text("{}")  # from then on Ray Train resumes it itself
     assert resume_point(str(ray_run), "early", ray_mode=True) is None
     (run / RAY_SNAPSHOT).write_text("{}")
