@@ -84,7 +84,9 @@ class Trainer:
         self.train, self.val = split_corpus(ids, cfg.data)
         self.val_signature = val_signature(self.val, t.eval_max_chars)
         self.K = self.train.num_windows
-        self.steps_per_epoch = math.ceil((self.K // backend.world) / t.batch_size)
+        # A rank's share: ceil(K / world) windows (`trainer.window_index_array` pads the index
+        # list so the shares cover every window), at least one even when K < world.
+        self.steps_per_epoch = math.ceil(-(-self.K // backend.world) / t.batch_size)
         self.total_steps = t.epochs * self.steps_per_epoch
         model = CharRNN(cfg.model)
         self.synced_elapsed = 0.0  # this attempt's time, averaged over ranks (drives the LR)

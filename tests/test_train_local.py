@@ -1,5 +1,6 @@
 """End to end in local mode: train `tiny` on the tutorial's corpus, resume, interrupt, generate."""
 
+import dataclasses
 import json
 import shutil
 
@@ -428,3 +429,26 @@ def test_a_worker_failure_that_is_a_charrnn_error_is_one_line():
     assert _charrnn_failure(WorkerGroupError("x", wrapped)) == "rank 1: s3://b/r: no such bucket"
     bug = {0: UserExceptionWithTraceback(ZeroDivisionError("division by zero"), "Traceback...")}
     assert _charrnn_failure(WorkerGroupError("x", bug)) is None
+
+
+def test_a_ranks_steps_cover_its_share_even_with_fewer_windows_than_workers(tmp_path):
+    """A rank's share is ceil(K / world) windows (the index list is padded to equal shares).
+    Counted as K // world, 1 window and 2 workers made 0 steps an epoch and a ZeroDivisionError
+    at the first evaluation, on every Ray Train restart."""
+    from charrnn.vocab import Vocab
+    text = "alice was beginning to get very tired of sitting by her sister on the bank\n"
+    vocab = Vocab.from_text(text)
+    cfg = _cfg("unused", tmp_path, "k", "data.val_fraction=0.49")
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=len(vocab)))
+    for world, windows, steps in ((1, 1, 1), (2, 1, 1), (4, 1, 1)):
+        backend = LocalBackend(str(tmp_path / "k"), 2)
+        backend.world = world
+        t = Trainer(cfg, vocab, vocab.encode(text), backend)
+        assert (t.K, t.steps_per_epoch) == (windows, steps)
+    cfg = _cfg("unused", tmp_path, "k", "train.batch_size=64")
+    big = vocab.encode(text * 62)  # 129 windows: shares of 65 at 2 workers, 2 steps of 64
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=len(vocab)))
+    backend = LocalBackend(str(tmp_path / "k"), 2)
+    backend.world = 2
+    t = Trainer(cfg, vocab, big, backend)
+    assert t.K == 129 and t.steps_per_epoch == 2  # K // world counted 1: a window left out
