@@ -62,11 +62,17 @@ def _validation_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def check_size(nbytes: int, cfg: ServeConfig) -> None:
+    """413 for a body above `max_body_bytes`: its Content-Length (before reading it) or its
+    length (a body sent without one)."""
+    if nbytes > cfg.max_body_bytes:
+        raise HTTPError(413, f"request body larger than {cfg.max_body_bytes} bytes")
+
+
 def parse(body: bytes, cfg: ServeConfig) -> tuple[GenerateRequest, list[str], SampleParams]:
     """A request body -> the request, its prompts and its decoding settings, within the
     deployment's limits; else an `HTTPError` (400 for malformed JSON, 413, 422)."""
-    if len(body) > cfg.max_body_bytes:
-        raise HTTPError(413, f"request body larger than {cfg.max_body_bytes} bytes")
+    check_size(len(body), cfg)
     try:
         req = GenerateRequest.model_validate_json(body)
     except ValidationError as e:

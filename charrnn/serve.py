@@ -176,9 +176,7 @@ class CharRNNServer:
 
     async def _parse(self, request: Request) -> list[Row]:
         self._auth(request)
-        limit = self.cfg.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise HTTPError(413, f"request body larger than {limit} bytes")
+        api.check_size(int(request.headers.get("content-length") or 0), self.cfg)
         req, prompts, params = api.parse(await request.body(), self.cfg)
         try:
             clean = self.current.prepare(prompts, req.oov)
