@@ -148,13 +148,17 @@ def generate(
     # Steps are packed every CHUNK_STEPS into (B, CHUNK_STEPS) arrays of the vocabulary's dtype:
     # a list of one (B,) tensor per step costs ~800 bytes a step, 1 GB for a million characters.
     chunks, pending = [], []
+
+    def pack() -> None:
+        chunks.append(torch.stack(pending, 1).cpu().numpy().astype(vocab.dtype))  # (B, <= CHUNK)
+        pending.clear()
+
     for ids in sample_ids(model, vocab, prompts, params, device, dtype):
         pending.append(ids)
         if len(pending) == CHUNK_STEPS:
-            chunks.append(torch.stack(pending, 1).cpu().numpy().astype(vocab.dtype))
-            pending = []
+            pack()
     if pending:
-        chunks.append(torch.stack(pending, 1).cpu().numpy().astype(vocab.dtype))
+        pack()
     if not chunks:
         return [""] * len(prompts)
     ids = np.concatenate(chunks, 1)  # (B, S), decoded at the end
