@@ -50,6 +50,10 @@ class DataConfig:
         want(self, "data.stride", self.stride >= 1, ">= 1")
         want(self, "data.val_fraction", 0.0 < self.val_fraction < 0.5, "in (0, 0.5)")
         want(self, "data.min_char_count", self.min_char_count >= 0, ">= 0")
+        if self.lowercase:  # the text is lower-cased first: these would drop nothing
+            upper = "".join(dict.fromkeys(c for c in self.drop_chars if c.lower() != c))
+            check(not upper, f"data.drop_chars has upper-case {upper!r}, which a lower-cased "
+                  f"text never contains; give {upper.lower()!r} instead, or set data.lowercase=false")
         want(self, "data.decode_errors", self.decode_errors in ("strict", "replace"),
              "strict or replace")
 

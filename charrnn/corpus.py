@@ -68,6 +68,10 @@ def _cached_download(url: str, cache: Path) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
             data = r.read()
+    except urllib.error.HTTPError as e:  # the server answered: being offline is not the cause
+        hint = (" (is the book id right?)" if cache.parent.name == "gutenberg" else "")
+        raise CorpusError(f"cannot download {url}: HTTP {e.code} {e.reason}{hint}; pass --corpus "
+                          "PATH to use a local copy of the text") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise CorpusError(f"cannot download {url} ({reason}); if this machine is offline, "

@@ -93,6 +93,11 @@ def test_a_bad_config_file_is_one_line(tmp_path, content, match):
 def test_string_settings_take_any_text_from_set():
     assert load_config(None, ["data.drop_chars=[{"]).data.drop_chars == "[{"
     assert load_config(None, ["data.drop_chars=123"]).data.drop_chars == "123"
+    # The text is lower-cased before characters are dropped: an upper-case one would drop nothing.
+    with pytest.raises(ConfigError, match=r"data.drop_chars has upper-case 'AÉ', which a "
+                                          r"lower-cased text never contains; give 'aé' instead"):
+        load_config(None, ["data.drop_chars=A.É!A"])
+    assert load_config(None, ["data.drop_chars=A.", "data.lowercase=false"]).data.drop_chars == "A."
     with pytest.raises(ConfigError, match=r"--set train.lr: cannot parse value '\[1': .*\(line 1"):
         load_config(None, ["train.lr=[1"])
 

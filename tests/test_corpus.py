@@ -104,6 +104,11 @@ def test_gutenberg_download_is_cached(tmp_path, http_server, monkeypatch):
     assert corpus.load_text(cfg) == "alice was\nhere.\ndone\n"
     assert len(hits) == 1  # the second load reused the cache
     assert (tmp_path / "cache/gutenberg/pg11.txt").is_file()
+    with pytest.raises(CorpusError, match=r"cannot download .*/pg12.txt: HTTP 404 File not found "
+                                          r"\(is the book id right\?\); pass --corpus PATH") as e:
+        corpus.load_text(DataConfig(corpus="gutenberg:12", cache_dir=str(tmp_path / "cache")))
+    assert "offline" not in str(e.value)  # the server answered: it was not a network failure
+    assert not (tmp_path / "cache/gutenberg/pg12.txt").exists()
     url_cfg = DataConfig(corpus=base + "/cache/epub/11/pg11.txt", cache_dir=str(tmp_path / "c2"))
     assert corpus.load_text(url_cfg) == "alice was\nhere.\ndone\n"
 
