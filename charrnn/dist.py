@@ -25,7 +25,7 @@ import torch
 from charrnn import runlog, storage
 from charrnn.checkpoint import CHECKPOINT_NAME, WINNER, missing_files, read_winner
 from charrnn.data import local_index_batches
-from charrnn.errors import CharrnnError, CheckpointError, TrainingDiverged
+from charrnn.errors import CharrnnError, CheckpointError, RunLockLost, TrainingDiverged
 from charrnn.generate import pick_device
 
 KEEPER_INDEX = "checkpoints.json"  # the local keeper's record of a run's checkpoints
@@ -133,6 +133,7 @@ class Backend:
     world: int = 1
     device: torch.device = torch.device("cpu")
     run_uri: str = ""
+    lease: str | None = None  # the driver's S3 lease owner id (`runlock.lease_lost`)
 
     @property
     def is_writer(self) -> bool:
@@ -164,8 +165,9 @@ class Backend:
 class LocalBackend(Backend):
     """Single process. Checkpoints: `<run>/<name>/`, indexed in `<run>/checkpoints.json`."""
 
-    def __init__(self, run_uri: str, keep: int, device: str | None = None):
-        self.run_uri = run_uri
+    def __init__(self, run_uri: str, keep: int, device: str | None = None,
+                 lease: str | None = None):
+        self.run_uri, self.lease = run_uri, lease
         self.keep = keep
         self.device = torch.device(device or pick_device("auto"))
         self.entries: list[dict] = keeper_entries(run_uri)
@@ -203,13 +205,13 @@ class LocalBackend(Backend):
 class RayBackend(Backend):
     """Inside a Ray Train worker (`TorchTrainer` has set up the process group)."""
 
-    def __init__(self, run_uri: str, start_from: str | None = None):
+    def __init__(self, run_uri: str, start_from: str | None = None, lease: str | None = None):
         import ray.train
         import ray.train.torch
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_uri = run_uri
+        self.run_uri, self.lease = run_uri, lease
         self.start_from = start_from  # a local run's latest checkpoint (`resume_point`)
 
     def index_batches(self, num_windows: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -243,8 +245,10 @@ class RayBackend(Backend):
         """Note the error (rank 0) and return, on every rank. Raised, it would be a worker
         failure, which Ray Train retries `max_failures` times from the last checkpoint, diverging
         again each time. The driver raises it from the note (`stopped_error`); a note cannot go
-        in a last report's metrics, since `Result.metrics` are those of the last checkpoint."""
-        if self.is_writer:
+        in a last report's metrics, since `Result.metrics` are those of the last checkpoint.
+        A lost run lock leaves no note: the run directory is another trainer's now, and the
+        driver finds out from the lease itself."""
+        if self.is_writer and not isinstance(error, RunLockLost):
             storage.write_text(storage.join(self.run_uri, STOPPED),
                                json.dumps({"error": str(error), "kind": type(error).__name__}))
 

@@ -30,6 +30,10 @@ class StorageError(CharrnnError):
     """Storage (local or S3) is unreachable, missing or refuses access."""
 
 
+class RunLockLost(CharrnnError):
+    """Another process took over the run's S3 lease; this one stopped without saving again."""
+
+
 class TrainingDiverged(CharrnnError):
     """The loss became NaN or infinite; nothing from that point on was saved."""
 

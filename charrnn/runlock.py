@@ -31,14 +31,49 @@ STALE_S = 120.0
 
 
 @contextlib.contextmanager
-def run_lock(uri: str, name: str) -> Iterator[None]:
+def run_lock(uri: str, name: str) -> Iterator[str | None]:
+    """Hold the run's lock; yields the S3 lease's owner id, which `lease_lost` checks before
+    each save (None: a local flock, which no other process can take while this one lives)."""
     local = storage.local_path(uri)
     if local is not None:
         with _flock(local, uri, name):
-            yield
+            yield None
     else:
-        with _s3_lease(uri, name):
-            yield
+        with _s3_lease(uri, name) as owner:
+            yield owner
+
+
+def lease_lost(uri: str, owner: str | None) -> str | None:
+    """Why this process no longer holds the S3 lease of run `uri`, else None.
+
+    A lease left unrenewed for `STALE_S` (this process paused, or cut off from the store) is
+    taken over by the next trainer of the run, which then writes checkpoints and prunes. The
+    first holder checks before each save, so it never writes beside the new one. A store that
+    does not answer now is not proof: the check passes, and the next save checks again.
+    """
+    if owner is None:
+        return None
+    import botocore.exceptions
+    bucket, key = storage.s3_split(storage.join(uri, LOCK))
+    try:
+        raw = storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except botocore.exceptions.ClientError as e:
+        if storage.s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+            return f"its lease {uri}/{LOCK} was removed"
+        runlog.say(f"warning: cannot check the lease {uri}/{LOCK}: {e}")
+        return None
+    except botocore.exceptions.BotoCoreError as e:
+        runlog.say(f"warning: cannot check the lease {uri}/{LOCK}: {e}")
+        return None
+    holder = _holder(raw)
+    return None if holder == owner else f"{holder} took over its lease {uri}/{LOCK}"
+
+
+def _holder(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["owner"])
+    except (ValueError, TypeError, KeyError):
+        return "an unknown process"
 
 
 def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
@@ -55,10 +90,7 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
             if storage.s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
                 continue
             raise
-        try:
-            holder = json.loads(raw)["owner"]
-        except (ValueError, TypeError, KeyError):
-            holder = "an unknown process"
+        holder = _holder(raw)
         now = email.utils.parsedate_to_datetime(lease["ResponseMetadata"]["HTTPHeaders"]["date"])
         age = (now - lease["LastModified"]).total_seconds()  # both by the store's clock
         if age < STALE_S or (etag := put(IfMatch=lease["ETag"])) is None:
@@ -119,7 +151,7 @@ def _s3_lease(uri: str, name: str) -> Iterator[None]:
                                f"{e.response.get('Error', {}).get('Message', '')})") from None
         runlog.say(f"warning: this S3 store does not support conditional writes ({code}): "
                    "no run lock; do not train this run from two processes at once")
-        yield
+        yield None
         return
     stop = threading.Event()
 
@@ -132,14 +164,15 @@ def _s3_lease(uri: str, name: str) -> Iterator[None]:
                 runlog.say(f"warning: cannot renew the lease {uri}/{LOCK}: {e}")
                 continue
             if new is None:
-                runlog.say(f"warning: another process took over the lease {uri}/{LOCK}")
+                runlog.say(f"warning: another process took over the lease {uri}/{LOCK}; this "
+                           "run stops at its next checkpoint without saving it")
                 return
             etag = new
 
     thread = threading.Thread(target=renew, name="charrnn-run-lease", daemon=True)
     thread.start()
     try:
-        yield
+        yield me
     finally:
         stop.set()
         thread.join(10)

@@ -10,6 +10,7 @@ config, a checkpoint, a metric or a log.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -64,6 +65,8 @@ def s3_client():
     and conditional writes. A fresh session each time: no cached credentials."""
     import boto3
     import botocore.config
+    # Ray workers log at INFO: a fresh session would say "Found credentials in ..." each time.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     return boto3.session.Session().client(
         "s3", endpoint_url=s3_endpoint() or None, region_name=s3_region(),
         config=botocore.config.Config(connect_timeout=5, read_timeout=10,

@@ -12,18 +12,17 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint, resume, runlog, storage
+from charrnn import checkpoint, optim, resume, runlock, runlog, storage
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
-from charrnn.errors import CheckpointError, Interrupted, TrainingDiverged
+from charrnn.errors import CheckpointError, Interrupted, RunLockLost, TrainingDiverged
 from charrnn.generate import generate
 from charrnn.model import CharRNN
 from charrnn.sampling import SampleParams
@@ -39,9 +38,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         import ray
         if isinstance(ids, ray.ObjectRef):
             ids = ray.get(ids)  # zero-copy view of the node's shared-memory copy
-        backend: Backend = RayBackend(loop_config["run_uri"], loop_config.get("start_from"))
+        backend: Backend = RayBackend(loop_config["run_uri"], loop_config.get("start_from"),
+                                      lease=loop_config.get("lease"))
     else:
-        backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints)
+        backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints,
+                               lease=loop_config.get("lease"))
     try:
         trainer = Trainer(cfg, vocab, ids, backend)
     except CheckpointError as e:
@@ -50,28 +51,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         backend.stop(e)  # local mode: raises; Ray: the driver raises it, without retries
         return
     trainer.fit()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively: recent GPUs, or CPUs with AMX tiles (Sapphire Rapids
-    and later), where bf16 autocast trains about twice as fast at the same loss per step."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def lr_factor(step: int, total: int, cfg, time_progress: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio`.
-
-    Progress is the larger of steps done / total and, under `train.max_minutes`, time used /
-    time allowed: a time-limited run anneals fully before it stops instead of being cut off
-    at a high learning rate.
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, max(time_progress,
-                            (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -90,10 +69,7 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         model = CharRNN(cfg.model)
         self.synced_elapsed = 0.0  # this attempt's time, averaged over ranks (drives the LR)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                                     betas=(0.9, 0.99))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.total_steps, t, self._time_progress()))
+        self.opt, self.sched = optim.build(model, t, self.total_steps, self._time_progress)
         self.epoch = self.epoch_step = self.step = 0
         self.history: list[dict] = []
         self.best = float("inf")
@@ -102,10 +78,7 @@ class Trainer:
             if resume is not None:
                 self._restore(model, resume)
         self.model = backend.wrap(model)
-        dev = backend.device
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and native_bf16(dev))
-        self.autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16
-                         else nullcontext())
+        self.autocast = optim.autocast(backend.device, t.precision)
         self._reset_meter()
 
     # ----- state ------------------------------------------------------------------------
@@ -173,7 +146,7 @@ class Trainer:
                     if self.b.is_writer:
                         runlog.say("stopping: train.max_minutes reached")
                     break
-        except TrainingDiverged as e:
+        except (TrainingDiverged, RunLockLost) as e:
             self.b.stop(e)  # raises in local mode; ends the Ray run with the error reported
             return
         except KeyboardInterrupt:
@@ -256,8 +229,13 @@ class Trainer:
             return  # nothing trained since the last checkpoint (e.g. Ctrl-C right after one)
         dt = time.monotonic() - self.meter_t0
         vs, vc = self._val_sums()
-        vs, vc, ts, tc, chars = self.b.all_reduce_sum(
-            [vs, vc, self.loss_sum, self.loss_count, float(self.meter_chars)])
+        lost = runlock.lease_lost(self.b.run_uri, self.b.lease) if self.b.is_writer else None
+        vs, vc, ts, tc, chars, lost_on = self.b.all_reduce_sum(
+            [vs, vc, self.loss_sum, self.loss_count, float(self.meter_chars), float(bool(lost))])
+        if lost_on:  # every rank stops here; nothing of this evaluation is saved
+            raise RunLockLost(f"run {self.cfg.run.name!r}: this trainer no longer holds the run "
+                              f"lock ({lost or 'seen by rank 0'}), so it stopped at step "
+                              f"{self.step} without saving, leaving the run to that process")
         elapsed = self.elapsed_before + time.monotonic() - self.t0
         val_loss = vs / vc
         train_loss = ts / tc if tc else float("nan")

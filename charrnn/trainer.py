@@ -15,13 +15,12 @@ import time
 
 import numpy as np
 
-from charrnn import corpus, runlog, storage
+from charrnn import corpus, runlock, runlog, storage
 from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
-from charrnn.errors import CharrnnError, Interrupted
-from charrnn.runlock import run_lock
+from charrnn.errors import CharrnnError, Interrupted, RunLockLost
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
 
@@ -57,9 +56,9 @@ def fit(cfg: Config) -> str:
         s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
     cfg, vocab, ids = prepare(cfg)
     ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)
-    with run_lock(uri, cfg.run.name):
+    with runlock.run_lock(uri, cfg.run.name) as lease:
         loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": uri,
-                       "start_from": resume_point(uri, cfg.run.name, ray_mode)}
+                       "start_from": resume_point(uri, cfg.run.name, ray_mode), "lease": lease}
         if not ray_mode:
             runlog.say("local mode: training in this process (--workers N for Ray Train)")
             train_loop_per_worker({**loop_config, "ids": ids, "mode": "local"})
@@ -181,3 +180,8 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     error = stopped_error(loop_config["run_uri"])
     if error:  # every worker stopped on it (`Backend.stop`): a diverged loss, a wrong checkpoint
         raise error
+    lost = runlock.lease_lost(loop_config["run_uri"], loop_config["lease"])
+    if lost:  # the workers stopped without saving (`Trainer._evaluate`), and left no note
+        raise RunLockLost(f"run {cfg.run.name!r}: this trainer no longer holds the run lock "
+                          f"({lost}); its workers stopped without saving, leaving the run to "
+                          "that process")

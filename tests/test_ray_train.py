@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,15 +217,20 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
         monkeypatch.setattr(runlock, "STALE_S", -1.0)  # as if the holder had died long ago
         said = []
         monkeypatch.setattr(runlock.runlog, "say", said.append)
-        with runlock.run_lock(uri, "held"):
+        with runlock.run_lock(uri, "held") as second:
             assert any(line.startswith("taking over the lease of ") for line in said)
             wait_for(lambda: "warning: another process took over the lease s3://charrnn/runs/"
-                             "held/.lock" in said, 30, "the first holder to notice")
+                             "held/.lock; this run stops at its next checkpoint without saving "
+                             "it" in said, 30, "the first holder to notice")
+            assert runlock.lease_lost(uri, second) is None
+            assert re.fullmatch(r".* pid \d+ \(\w+\) took over its lease s3://charrnn/runs/"
+                                r"held/.lock", runlock.lease_lost(uri, "the first holder"))
         monkeypatch.undo()  # runlog.say, RENEW_S and STALE_S as they were
         monkeypatch.setattr(runlock, "RENEW_S", 0.2)
     assert not [k for k in bucket_objects(s3, "charrnn") if k.startswith("runs/held/")]  # released
-    with runlock.run_lock(uri, "held"):
-        pass
+    with runlock.run_lock(uri, "held") as owner:
+        s3_client(s3).delete_object(Bucket="charrnn", Key="runs/held/.lock")
+        assert runlock.lease_lost(uri, owner) == f"its lease {uri}/.lock was removed"
     import botocore.exceptions  # a store without conditional PUTs: trained, with a warning
     real = storage.s3_client
 
@@ -241,9 +247,48 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
         return c
     monkeypatch.setattr(storage, "s3_client", unconditional)
     capsys.readouterr()
-    with runlock.run_lock(uri, "held"):
-        pass
+    with runlock.run_lock(uri, "held") as owner:
+        assert owner is None and runlock.lease_lost(uri, owner) is None
     assert "does not support conditional writes (NotImplemented): no run lock" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_trainer_that_lost_its_s3_lease_stops_without_saving(s3, corpus_path, workers, request):
+    """A trainer cut off from the store (or paused) for STALE_S loses its lease to the next
+    trainer of the run. It must not then write checkpoints, winner or index beside the new one:
+    it checks the lease before each save and stops, in local mode and on Ray Train workers."""
+    import threading
+
+    from charrnn.errors import RunLockLost
+    if workers:
+        request.getfixturevalue("ray_local")
+    name, client = f"taken{workers}", s3_client(s3)
+    prefix = f"runs/{name}/"
+    seen: dict[str, set] = {}
+
+    def keys():
+        return {k for k in bucket_objects(s3, "charrnn") if k.startswith(prefix)}
+
+    def take_over():  # as `runlock._acquire` does, once the first checkpoint is in the bucket
+        wait_for(lambda: any("/checkpoint_" in k for k in keys()), 120, "a first checkpoint")
+        client.put_object(Bucket="charrnn", Key=prefix + ".lock", Body=b'{"owner": "intruder"}')
+        seen["at"] = keys()
+
+    thread = threading.Thread(target=take_over, daemon=True)
+    thread.start()
+    with pytest.raises(RunLockLost, match=rf"^run '{name}': this trainer no longer holds the run "
+                                          rf"lock \(intruder took over its lease s3://charrnn/"
+                                          rf"{prefix}.lock\)"):
+        fit(_cfg(corpus_path, "s3://charrnn/runs", name, "train.epochs=50",
+                 "run.checkpoint_every_steps=10", f"scaling.workers={workers}"))
+    thread.join(5)
+    after = keys()
+    # A save already past its check when the lease changed hands may land; nothing after it.
+    new_dirs = {k.split("/")[2] for k in after - seen["at"] if "/checkpoint_" in k}
+    assert len(new_dirs) <= 1, new_dirs
+    assert not [k for k in after if k.endswith("stopped.json")]  # no note in another's run
+    lease = client.get_object(Bucket="charrnn", Key=prefix + ".lock")["Body"].read()
+    assert lease == b'{"owner": "intruder"}'  # the new holder's lease is left alone
 
 
 def _ray_workers():

@@ -83,7 +83,7 @@ def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
 def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, capsys):
     """Lowering train.lr is how a user continues a run that diverged: the optimizer state that
     is restored (moments, step) must not bring the old LR or weight decay back with it."""
-    from charrnn.train_loop import lr_factor
+    from charrnn.optim import lr_factor
     fit(_cfg(corpus_path, tmp_path, "h", "train.epochs=1"))
     cfg, vocab, ids = prepare(_cfg(corpus_path, tmp_path, "h", "train.epochs=2", "train.lr=0.001",
                                    "train.weight_decay=0.05"))

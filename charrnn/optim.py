@@ -1,0 +1,52 @@
+"""What a training step's numbers are made of: the optimizer, the learning-rate schedule and the
+matmul precision. Pure torch, the same on every worker."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+
+from charrnn.config import TrainConfig
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: recent GPUs, or CPUs with AMX tiles (Sapphire Rapids
+    and later), where bf16 autocast trains about twice as fast at the same loss per step."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward passes' context: bf16 autocast for `bf16` (and `auto` where it is native)."""
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio`.
+
+    Progress is the larger of steps done / total and, under `train.max_minutes`, time used /
+    time allowed: a time-limited run anneals fully before it stops instead of being cut off
+    at a high learning rate.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, max(time_progress,
+                            (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build(model: torch.nn.Module, t: TrainConfig, total_steps: int,
+          time_progress: Callable[[], float]):
+    """AdamW and its schedule (`lr_factor`, stepped once per optimizer step); `time_progress`
+    gives the share of `train.max_minutes` used so far."""
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                            betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, t, time_progress()))
+    return opt, sched
