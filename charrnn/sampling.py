@@ -72,12 +72,14 @@ def _filtered_probs(logits: torch.Tensor, temp, top_k, top_p) -> torch.Tensor:
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
     drop = rank >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # Nucleus: drop a character when the mass before it already reaches top_p (keeps >= 1).
-    drop |= (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
+    # Nucleus: drop a character when the mass before it already reaches top_p. The likeliest
+    # is always kept: a top_p below float32's range (1e-320) is 0 here, and would drop them all.
+    drop |= ((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]) & (rank > 0)
     mask = torch.zeros_like(drop).scatter_(1, order, drop)  # back to vocabulary order
     return torch.softmax(scaled.masked_fill(mask, float("-inf")), dim=-1)
 
 
+TOP_K_MAX = 2**31 - 1  # larger than any vocabulary
 GREEDY_BELOW = 1e-5  # temperatures below this sample as argmax (as vLLM does)
 
 
@@ -92,7 +94,8 @@ class RowControls:
         greedy = [p.greedy or p.temperature < GREEDY_BELOW for p in params]
         self.temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                                  device=device)
-        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        # Any k >= V keeps every character; a k beyond int64 (JSON allows it) would not fit.
+        self.top_k = torch.tensor([min(p.top_k, TOP_K_MAX) for p in params], device=device)
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
         self.greedy = torch.tensor(greedy, device=device)
         u = np.zeros((len(params), max([1] + [p.max_new_chars for p in params])), np.float32)

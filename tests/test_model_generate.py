@@ -111,6 +111,11 @@ def test_greedy_and_degenerate_filters_agree(model):
     g = generate(model, VOCAB, ["abc"], SampleParams(30, greedy=True))
     assert generate(model, VOCAB, ["abc"], SampleParams(30, top_k=1, seed=5)) == g
     assert generate(model, VOCAB, ["abc"], SampleParams(30, top_p=1e-6, seed=5)) == g
+    # A top_p below float32's range is 0 in the filter: it dropped every character (NaN, "zzz").
+    assert generate(model, VOCAB, ["abc"], SampleParams(30, top_p=1e-320, seed=5)) == g
+    # Any top_k >= V keeps all; one beyond int64 (a JSON body may hold it) was a ValueError.
+    plain = generate(model, VOCAB, ["abc"], SampleParams(30, seed=5))
+    assert generate(model, VOCAB, ["abc"], SampleParams(30, top_k=10**23, seed=5)) == plain
     logits, _ = model(torch.from_numpy(VOCAB.encode("abc").astype(np.int64))[None])
     assert g[0][0] == VOCAB.chars[int(logits[0, -1].argmax())]
 
