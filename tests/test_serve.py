@@ -150,6 +150,10 @@ def test_greedy_needs_no_temperature_and_oov_policies(app):
     assert post(app, prompt="a", max_chars=5, greedy=True, temperature=0).status_code == 200
     r = post(app, prompt="aé", max_chars=5, oov="drop", seed=1)
     assert r.status_code == 200
+    # Extremes JSON allows: a top_k beyond int64 was a 500; a top_p of 1e-320 decoded "zzzz".
+    greedy = post(app, prompt="a", max_chars=8, greedy=True).json()["completions"]
+    assert post(app, prompt="a", max_chars=8, top_p=1e-320, seed=1).json()["completions"] == greedy
+    assert post(app, prompt="a", max_chars=8, top_k=10**23, seed=10**30).status_code == 200
 
 
 def test_concurrent_requests_form_real_batches(app):
