@@ -78,6 +78,8 @@ class Trainer:
             if resume is not None:
                 self._restore(model, resume)
         self.model = backend.wrap(model)
+        if self.history and backend.is_writer:
+            self._repoint_winner()
         self.autocast = optim.autocast(backend.device, t.precision)
         self._reset_meter()
 
@@ -300,6 +302,26 @@ class Trainer:
         if final:
             runlog.say(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) "
                        f"at step {best['step']}; winner manifest {uri}")
+
+    def _repoint_winner(self) -> None:
+        """On resume: `winner.json` must name the best checkpoint of the restored history.
+
+        Ray Train records a report up to ~2 s after it returns (its controller polls the workers),
+        so a run stopped in that window resumes from the checkpoint before the last one, while
+        the winner may already name the last. This attempt retrains that step and overwrites its
+        directory, and Ray Train's keeper, which never saw its loss, may prune it."""
+        uri = storage.join(self.b.run_uri, checkpoint.WINNER)
+        best = checkpoint.dir_name(min(self.history, key=lambda m: m["val_loss"])["step"])
+        try:
+            named = checkpoint.read_winner(uri)["checkpoint"] if storage.exists(uri) else None
+            if named != best:
+                self._publish_winner()
+        except CheckpointError as e:  # the best is gone too: the next improvement publishes one
+            runlog.say(f"warning: {uri} not updated: {e}")
+            return
+        if named != best:
+            runlog.say(f"{checkpoint.WINNER} named {named}, which this attempt did not resume "
+                       f"with (the run stopped before it was recorded); it now names {best}")
 
     def _sample(self) -> str:
         n = self.cfg.train.sample_chars

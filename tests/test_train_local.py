@@ -80,6 +80,28 @@ def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
     assert history[1]["val_loss"] < history[0]["val_loss"]
 
 
+def test_resume_points_the_winner_at_the_best_checkpoint_it_resumed_with(corpus_path, tmp_path,
+                                                                         capsys):
+    """A Ray run stopped within ~2 s of a report resumes from the checkpoint before it (Ray Train
+    had not recorded the last), while `winner.json` may name the last: retrained and overwritten
+    by this attempt, or pruned by Ray's keeper. Resuming repoints the winner at the best of the
+    restored history; the same code runs in both modes, shown here in local mode."""
+    fit(_cfg(corpus_path, tmp_path, "w", "train.epochs=1", "run.checkpoint_every_steps=50"))
+    run = tmp_path / "w"
+    manifest = json.loads((run / "winner.json").read_text())
+    assert manifest["checkpoint"] == "checkpoint_00000127"
+    shutil.copytree(run / "checkpoint_00000127", run / "checkpoint_00000150")  # not in the index
+    (run / "winner.json").write_text(json.dumps({**manifest, "checkpoint": "checkpoint_00000150"}))
+    cfg, vocab, ids = prepare(_cfg(corpus_path, tmp_path, "w", "train.epochs=2"))
+    capsys.readouterr()
+    Trainer(cfg, vocab, ids, LocalBackend(str(run), 2))
+    assert "winner.json named checkpoint_00000150, which this attempt did not resume with (the " \
+           "run stopped before it was recorded); it now names checkpoint_00000127" in capsys.readouterr().out
+    assert json.loads((run / "winner.json").read_text())["checkpoint"] == "checkpoint_00000127"
+    Trainer(cfg, vocab, ids, LocalBackend(str(run), 2))  # consistent now: nothing to say
+    assert "winner.json named" not in capsys.readouterr().out
+
+
 def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, capsys):
     """Lowering train.lr is how a user continues a run that diverged: the optimizer state that
     is restored (moments, step) must not bring the old LR or weight decay back with it."""
