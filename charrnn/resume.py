@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn import checkpoint
+from charrnn import checkpoint, storage
 from charrnn.config import Config, TrainConfig
 from charrnn.errors import CheckpointError
 from charrnn.vocab import Vocab
@@ -73,3 +73,22 @@ def changed_settings(old: Config, new: Config) -> list[str]:
     a["run"].pop("storage"), b["run"].pop("storage")
     return [f"{sec}.{k} {a[sec].get(k)!r} -> {v!r}" for sec in ("data", "train", "run", "scaling")
             for k, v in b[sec].items() if a[sec].get(k) != v]
+
+
+def stale_winner(run_uri: str, history: list[dict]) -> str | None:
+    """What `winner.json` names (a checkpoint, or "nothing") when that is not the best checkpoint
+    of the restored `history`; None when it is.
+
+    Ray Train records a report up to ~2 s after it returns (its controller polls the workers),
+    so a run stopped in that window resumes from the checkpoint before the last one, while the
+    winner may already name the last. The new attempt retrains that step and overwrites its
+    directory, and Ray Train's keeper, which never saw its loss, may prune it: the winner must
+    move back to what this attempt knows. (Local mode: a crash between the index and the winner.)
+    """
+    uri = storage.join(run_uri, checkpoint.WINNER)
+    best = checkpoint.dir_name(min(history, key=lambda m: m["val_loss"])["step"])
+    try:
+        named = checkpoint.read_winner(uri)["checkpoint"] if storage.exists(uri) else None
+    except CheckpointError:
+        named = None
+    return None if named == best else (named or "nothing")

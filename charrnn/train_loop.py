@@ -74,9 +74,9 @@ class Trainer:
         self.history: list[dict] = []
         self.best = float("inf")
         self.elapsed_before = 0.0  # training time of earlier attempts of this run
-        with backend.resume_checkpoint() as resume:
-            if resume is not None:
-                self._restore(model, resume)
+        with backend.resume_checkpoint() as directory:
+            if directory is not None:
+                self._restore(model, directory)
         self.model = backend.wrap(model)
         if self.history and backend.is_writer:
             self._repoint_winner()
@@ -293,7 +293,21 @@ class Trainer:
             f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "
             f"train.precision=fp32, and {again}")
 
-    def _publish_winner(self, final: bool = False) -> None:
+    def _repoint_winner(self) -> None:
+        """On resume: the winner becomes the best of the restored history (`resume.stale_winner`)."""
+        stale = resume.stale_winner(self.b.run_uri, self.history)
+        if stale is None:
+            return
+        try:
+            best = self._publish_winner()
+        except CheckpointError as e:  # that one is gone too: the next improvement publishes
+            runlog.say(f"warning: {checkpoint.WINNER} not updated: {e}")
+            return
+        runlog.say(f"{checkpoint.WINNER} named {stale}, which this attempt did not resume with "
+                   f"(the run stopped before it was recorded); it now names {best}")
+
+    def _publish_winner(self, final: bool = False) -> str:
+        """Point `winner.json` at the best checkpoint of the history; returns its name."""
         best = min(self.history, key=lambda m: m["val_loss"])
         manifest = checkpoint.winner_manifest(
             self.b.run_uri, checkpoint.dir_name(best["step"]), best, self.cfg.run.name,
@@ -302,26 +316,7 @@ class Trainer:
         if final:
             runlog.say(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) "
                        f"at step {best['step']}; winner manifest {uri}")
-
-    def _repoint_winner(self) -> None:
-        """On resume: `winner.json` must name the best checkpoint of the restored history.
-
-        Ray Train records a report up to ~2 s after it returns (its controller polls the workers),
-        so a run stopped in that window resumes from the checkpoint before the last one, while
-        the winner may already name the last. This attempt retrains that step and overwrites its
-        directory, and Ray Train's keeper, which never saw its loss, may prune it."""
-        uri = storage.join(self.b.run_uri, checkpoint.WINNER)
-        best = checkpoint.dir_name(min(self.history, key=lambda m: m["val_loss"])["step"])
-        try:
-            named = checkpoint.read_winner(uri)["checkpoint"] if storage.exists(uri) else None
-            if named != best:
-                self._publish_winner()
-        except CheckpointError as e:  # the best is gone too: the next improvement publishes one
-            runlog.say(f"warning: {uri} not updated: {e}")
-            return
-        if named != best:
-            runlog.say(f"{checkpoint.WINNER} named {named}, which this attempt did not resume "
-                       f"with (the run stopped before it was recorded); it now names {best}")
+        return manifest["checkpoint"]
 
     def _sample(self) -> str:
         n = self.cfg.train.sample_chars

@@ -10,7 +10,7 @@ import torch
 from charrnn import checkpoint
 from charrnn.config import load_config
 from charrnn.dist import LocalBackend
-from charrnn.errors import Interrupted
+from charrnn.errors import CheckpointError, Interrupted
 from charrnn.train_loop import Trainer
 from charrnn.trainer import fit, prepare
 from tests.conftest import ROOT, run_job
@@ -81,7 +81,7 @@ def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
 
 
 def test_resume_points_the_winner_at_the_best_checkpoint_it_resumed_with(corpus_path, tmp_path,
-                                                                         capsys):
+                                                                         capsys, monkeypatch):
     """A Ray run stopped within ~2 s of a report resumes from the checkpoint before it (Ray Train
     had not recorded the last), while `winner.json` may name the last: retrained and overwritten
     by this attempt, or pruned by Ray's keeper. Resuming repoints the winner at the best of the
@@ -100,6 +100,14 @@ def test_resume_points_the_winner_at_the_best_checkpoint_it_resumed_with(corpus_
     assert json.loads((run / "winner.json").read_text())["checkpoint"] == "checkpoint_00000127"
     Trainer(cfg, vocab, ids, LocalBackend(str(run), 2))  # consistent now: nothing to say
     assert "winner.json named" not in capsys.readouterr().out
+    # A best checkpoint that cannot be published either: the resume goes on, with a warning.
+    (run / "winner.json").write_text(json.dumps({**manifest, "checkpoint": "checkpoint_00000150"}))
+
+    def refuse(*_):
+        raise CheckpointError("not publishing it as the winner: missing model.pt")
+    monkeypatch.setattr(checkpoint, "write_winner", refuse)
+    assert Trainer(cfg, vocab, ids, LocalBackend(str(run), 2)).step == 127
+    assert "warning: winner.json not updated: not publishing it" in capsys.readouterr().out
 
 
 def test_resume_takes_the_configs_lr_and_weight_decay(corpus_path, tmp_path, capsys):
