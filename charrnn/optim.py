@@ -42,7 +42,8 @@ def lr_factor(step: int, total: int, cfg: TrainConfig, time_progress: float = 0.
 
 
 def build(model: torch.nn.Module, t: TrainConfig, total_steps: int,
-          time_progress: Callable[[], float]):
+          time_progress: Callable[[], float]
+          ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and its schedule (`lr_factor`, stepped once per optimizer step); `time_progress`
     gives the share of `train.max_minutes` used so far."""
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,

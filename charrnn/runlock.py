@@ -126,7 +126,7 @@ def _flock(local, uri: str, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _s3_lease(uri: str, name: str) -> Iterator[None]:
+def _s3_lease(uri: str, name: str) -> Iterator[str | None]:
     import botocore.exceptions
     client = storage.s3_client()
     bucket, key = storage.s3_split(storage.join(uri, LOCK))
