@@ -132,6 +132,7 @@ def _saved_config(d: Any) -> Config:
     """A checkpoint's config. A check added after it was saved may refuse one of its training
     settings (run, train, scaling); that must not make the weights unusable: the model and data
     sections (all that inference and the same-run check read) are then kept, the rest default."""
+    d = _without_inert_settings(d)
     try:
         return Config.from_dict(d)
     except ConfigError as e:
@@ -142,6 +143,17 @@ def _saved_config(d: Any) -> Config:
         runlog.say(f"warning: a saved training setting is no longer accepted ({e}); "
                    "the checkpoint's model and data settings are used as they are")
         return config
+
+
+def _without_inert_settings(d: Any) -> Any:
+    """A saved config made to pass checks added since, where what it did stays the same: upper-case
+    `data.drop_chars` under `data.lowercase` (accepted before) never dropped anything."""
+    data = d.get("data") if isinstance(d, dict) else None
+    if not (isinstance(data, dict) and data.get("lowercase", True) is True
+            and isinstance(data.get("drop_chars"), str)):
+        return d
+    kept = "".join(c for c in data["drop_chars"] if c.lower() == c)
+    return d if kept == data["drop_chars"] else {**d, "data": {**data, "drop_chars": kept}}
 
 
 def _mapping(value: Any) -> dict:

@@ -156,6 +156,18 @@ def test_a_training_setting_refused_by_a_later_rule_does_not_lock_the_weights(sa
     loaded = checkpoint.load(str(d))
     assert loaded.config.model == cfg.model and loaded.config.data == cfg.data
     assert "warning: a saved training setting is no longer accepted (train.lr must" in capsys.readouterr().out
+
+
+def test_upper_case_drop_chars_saved_before_they_were_refused_still_load(saved, capsys):
+    """Under data.lowercase they dropped nothing, which is why a config now refuses them; a
+    checkpoint saved with them loads, with all its settings and without them."""
+    d, model, cfg, _ = saved
+    c = json.loads((d / "config.json").read_text())
+    c["data"]["drop_chars"], c["train"]["lr"] = "A!É", 0.0042
+    (d / "config.json").write_text(json.dumps(c))
+    loaded = checkpoint.load(str(d))
+    assert loaded.config.data.drop_chars == "!" and loaded.config.train.lr == 0.0042
+    assert "warning" not in capsys.readouterr().out
     c["model"]["hidden_size"] = -1  # the model's own settings stay strict
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(CheckpointError, match="corrupt checkpoint metadata in config.json"):
