@@ -75,9 +75,12 @@ def changed_settings(old: Config, new: Config) -> list[str]:
             for k, v in b[sec].items() if a[sec].get(k) != v]
 
 
+NO_WINNER = "nothing"  # what `stale_winner` says of a missing or unreadable winner manifest
+
+
 def stale_winner(run_uri: str, history: list[dict]) -> str | None:
-    """What `winner.json` names (a checkpoint, or "nothing") when that is not the best checkpoint
-    of the restored `history`; None when it is.
+    """What `winner.json` names (a checkpoint, or `NO_WINNER`) when that is not the best
+    checkpoint of the restored `history`; None when it is.
 
     Ray Train records a report up to ~2 s after it returns (its controller polls the workers),
     so a run stopped in that window resumes from the checkpoint before the last one, while the
@@ -91,4 +94,4 @@ def stale_winner(run_uri: str, history: list[dict]) -> str | None:
         named = checkpoint.read_winner(uri)["checkpoint"] if storage.exists(uri) else None
     except CheckpointError:
         named = None
-    return None if named == best else (named or "nothing")
+    return None if named == best else (named or NO_WINNER)

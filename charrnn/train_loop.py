@@ -303,8 +303,9 @@ class Trainer:
         except CheckpointError as e:  # that one is gone too: the next improvement publishes
             runlog.say(f"warning: {checkpoint.WINNER} not updated: {e}")
             return
-        runlog.say(f"{checkpoint.WINNER} named {stale}, which this attempt did not resume with "
-                   f"(the run stopped before it was recorded); it now names {best}")
+        was = ("was missing or unreadable" if stale is resume.NO_WINNER else f"named {stale}, "
+               "which this attempt did not resume with (the run stopped before it was recorded)")
+        runlog.say(f"{checkpoint.WINNER} {was}; it now names {best}")
 
     def _publish_winner(self, final: bool = False) -> str:
         """Point `winner.json` at the best checkpoint of the history; returns its name."""

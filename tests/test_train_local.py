@@ -100,6 +100,11 @@ def test_resume_points_the_winner_at_the_best_checkpoint_it_resumed_with(corpus_
     assert json.loads((run / "winner.json").read_text())["checkpoint"] == "checkpoint_00000127"
     Trainer(cfg, vocab, ids, LocalBackend(str(run), 2))  # consistent now: nothing to say
     assert "winner.json named" not in capsys.readouterr().out
+    (run / "winner.json").write_text("{")  # damaged (or removed): published again
+    Trainer(cfg, vocab, ids, LocalBackend(str(run), 2))
+    assert "winner.json was missing or unreadable; it now names checkpoint_00000127" in \
+        capsys.readouterr().out
+    assert json.loads((run / "winner.json").read_text())["checkpoint"] == "checkpoint_00000127"
     # A best checkpoint that cannot be published either: the resume goes on, with a warning.
     (run / "winner.json").write_text(json.dumps({**manifest, "checkpoint": "checkpoint_00000150"}))
 
