@@ -22,10 +22,11 @@ import uuid
 from collections.abc import Iterator
 
 from charrnn import runlog, storage
-from charrnn.errors import CharrnnError, StorageError
+from charrnn.errors import CharrnnError, RunLockLost, StorageError
 
 LOCK = ".lock"
 UNSUPPORTED = ("NotImplemented", "501", "InvalidArgument", "InvalidRequest")  # no conditional PUT
+NOT_FOUND = ("404", "NoSuchKey", "NotFound")  # the lease object is not there
 RENEW_S = 30.0
 STALE_S = 120.0
 
@@ -57,16 +58,20 @@ def lease_lost(uri: str, owner: str | None) -> str | None:
     bucket, key = storage.s3_split(storage.join(uri, LOCK))
     try:
         raw = storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except botocore.exceptions.ClientError as e:
-        if storage.s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+        if isinstance(e, botocore.exceptions.ClientError) and storage.s3_error_code(e) in NOT_FOUND:
             return f"its lease {uri}/{LOCK} was removed"
-        runlog.say(f"warning: cannot check the lease {uri}/{LOCK}: {e}")
-        return None
-    except botocore.exceptions.BotoCoreError as e:
         runlog.say(f"warning: cannot check the lease {uri}/{LOCK}: {e}")
         return None
     holder = _holder(raw)
     return None if holder == owner else f"{holder} took over its lease {uri}/{LOCK}"
+
+
+def lost(name: str, why: str, stopped: str) -> RunLockLost:
+    """The error of a trainer that `lease_lost` found without its lease; `stopped` says where
+    the training stopped."""
+    return RunLockLost(f"run {name!r}: this trainer no longer holds the run lock ({why})"
+                       f"{stopped} without saving, leaving the run to that process")
 
 
 def _holder(raw: bytes) -> str:
@@ -87,7 +92,7 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
             lease = client.get_object(Bucket=bucket, Key=key)
             raw = lease["Body"].read()
         except botocore.exceptions.ClientError as e:
-            if storage.s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+            if storage.s3_error_code(e) in NOT_FOUND:
                 continue
             raise
         holder = _holder(raw)

@@ -235,9 +235,8 @@ class Trainer:
         vs, vc, ts, tc, chars, lost_on = self.b.all_reduce_sum(
             [vs, vc, self.loss_sum, self.loss_count, float(self.meter_chars), float(bool(lost))])
         if lost_on:  # every rank stops here; nothing of this evaluation is saved
-            raise RunLockLost(f"run {self.cfg.run.name!r}: this trainer no longer holds the run "
-                              f"lock ({lost or 'seen by rank 0'}), so it stopped at step "
-                              f"{self.step} without saving, leaving the run to that process")
+            raise runlock.lost(self.cfg.run.name, lost or "seen by rank 0",
+                               f", so it stopped at step {self.step}")
         elapsed = self.elapsed_before + time.monotonic() - self.t0
         val_loss = vs / vc
         train_loss = ts / tc if tc else float("nan")

@@ -20,7 +20,7 @@ from charrnn.checkpoint import WINNER
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
-from charrnn.errors import CharrnnError, Interrupted, RunLockLost
+from charrnn.errors import CharrnnError, Interrupted
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
 
@@ -182,6 +182,4 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
         raise error
     lost = runlock.lease_lost(loop_config["run_uri"], loop_config["lease"])
     if lost:  # the workers stopped without saving (`Trainer._evaluate`), and left no note
-        raise RunLockLost(f"run {cfg.run.name!r}: this trainer no longer holds the run lock "
-                          f"({lost}); its workers stopped without saving, leaving the run to "
-                          "that process")
+        raise runlock.lost(cfg.run.name, lost, "; its workers stopped")
