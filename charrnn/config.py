@@ -19,7 +19,7 @@ import yaml
 
 from charrnn.errors import ConfigError
 from charrnn.model import ModelConfig
-from charrnn.typed import check, from_dict, want, yaml_error
+from charrnn.typed import check, from_dict, load_yaml, want, yaml_error
 
 
 @dataclass
@@ -195,7 +195,7 @@ def apply_override(d: dict, assignment: str) -> None:
     if dataclasses.is_dataclass(node):
         raise ConfigError(f"--set: {key!r} is a section; set one of its fields")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         if not isinstance(node, str):
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {yaml_error(e)}") from None
@@ -216,7 +216,7 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] 
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}" + (" (a directory)" if p.is_dir() else ""))
         try:
-            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            d = load_yaml(p.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
         except yaml.YAMLError as e:
@@ -282,7 +282,7 @@ def serve_config_from_args(args: dict) -> ServeConfig:
     for k, v in (args or {}).items():
         if isinstance(v, str) and k in hints and hints[k] is not str:
             try:
-                v = yaml.safe_load(v)
+                v = load_yaml(v)
             except yaml.YAMLError:
                 pass
         typed[k] = v

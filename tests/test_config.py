@@ -3,6 +3,7 @@ import yaml
 
 from charrnn.config import Config, load_config, serve_config_from_args
 from charrnn.errors import ConfigError
+from charrnn.typed import load_yaml
 from tests.conftest import ROOT
 
 
@@ -79,6 +80,10 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     (b"\xff\xfe", r"not UTF-8 text \(byte offset 0\)"),  # was a UnicodeDecodeError traceback
     (b"- a\n- b\n", "top level must be a mapping of sections"),
     (b"model: 5\n", r"^model: expected a mapping, got 5$"),
+    # PyYAML keeps the last of two keys: the second `train:` dropped `epochs: 1` silently
+    (b"train:\n  epochs: 1\nmodel:\n  hidden_size: 32\ntrain:\n  lr: 0.01\n",
+     r"invalid YAML: duplicate key 'train' \(first given on line 1\) \(line 5, column 1\)$"),
+    (b"train: {lr: 0.1, lr: 0.2}\n", r"duplicate key 'lr' \(first given on line 1\)"),
 ])
 def test_a_bad_config_file_is_one_line(tmp_path, content, match):
     p = tmp_path / "c.yaml"
@@ -88,6 +93,11 @@ def test_a_bad_config_file_is_one_line(tmp_path, content, match):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="not found: .* \\(a directory\\)"):
         load_config(str(tmp_path))
+
+
+def test_yaml_merge_keys_may_be_overridden():
+    # `<<: *base` then a key of base is YAML's override, not a duplicate
+    assert load_yaml("b: &x {a: 1, c: 2}\nd:\n  <<: *x\n  a: 3\n")["d"] == {"a": 3, "c": 2}
 
 
 def test_string_settings_take_any_text_from_set():
