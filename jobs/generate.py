@@ -54,7 +54,7 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
+            with open(args.prompts_file, encoding="utf-8-sig") as f:  # Notepad writes a BOM
                 from_file = [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}") from None

@@ -41,7 +41,7 @@ def test_train_then_generate_from_the_winner(tiny_run, tmp_path):
     assert again.stdout == p.stdout  # same seed, same text; a run dir works as the URI
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the queen\nthe cat\nshe said\n")
+    prompts.write_bytes(b"\xef\xbb\xbfthe queen\r\nthe cat\r\nshe said\r\n")  # Notepad: BOM, CRLF
     p = run_job("generate.py", "--checkpoint", winner["checkpoint_uri"], "--prompts-file",
                 str(prompts), "--format", "jsonl", "--max-chars", "30", "--top-k", "5",
                 "--top-p", "0.9", "--seed", "3")
