@@ -72,7 +72,7 @@ def from_dict(cls, d: Any, prefix: str = ""):
         raise ConfigError(str(e)) from None
 
 
-class _StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
     keeps the last silently, so a second `train:` section would drop every setting of the first."""
 
@@ -95,7 +95,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """Parse YAML safely (no Python objects), refusing duplicate keys."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def yaml_error(e: yaml.YAMLError) -> str:

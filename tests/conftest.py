@@ -30,6 +30,31 @@ def run_job(script: str, *args: str, env: dict | None = None, timeout: float = 2
                           env={**os.environ, **(env or {})})
 
 
+def call_job(capfd, script: str, *args: str):
+    """Run a `jobs/` entry point's `main` in this process, as `__main__` does (through `run_cli`),
+    capturing file descriptors 1 and 2 so that a stray log line or traceback still shows; returns
+    a CompletedProcess like `run_job`. For the error cases: no Python and torch start-up each."""
+    import importlib.util
+    import subprocess
+
+    from charrnn.cli import run_cli
+    spec = importlib.util.spec_from_file_location(f"jobs_{script.removesuffix('.py')}",
+                                                  ROOT / "jobs" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capfd.readouterr()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        rc = run_cli(lambda: mod.main(list(args)))
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    finally:
+        os.chdir(cwd)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([script, *args], rc, out, err)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, corpus_path):
     """A tiny model trained once for the session (local mode): (storage dir, run name)."""

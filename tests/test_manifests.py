@@ -2,6 +2,7 @@
 CRD schemas in ../shared/schemas/kuberay, core objects with kubernetes-validate, embedded Serve
 configs and job entry points with the project's own parsers."""
 
+import functools
 import shlex
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from charrnn.typed import StrictLoader, load_yaml
 from tests.conftest import ROOT
 
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -19,27 +21,63 @@ MANIFESTS = [ROOT / "ray-cluster.yaml", *sorted((ROOT / "k8s").glob("*.yaml"))]
 
 def _docs():
     for path in MANIFESTS:
-        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+        # strict: a key given twice is an error (kubectl refuses it; PyYAML would keep the last)
+        for i, doc in enumerate(yaml.load_all(path.read_text(), Loader=StrictLoader)):
             if doc:
                 yield pytest.param(doc, id=f"{path.name}[{i}]:{doc['kind']}")
 
 
-def _crd_schema(kind):
+@functools.cache
+def _crd_validator(kind):
+    """The v1 schema of a KubeRay CRD (1 MB of YAML: read with libyaml when PyYAML has it)."""
     if not SCHEMAS.is_dir():
         pytest.skip(f"KubeRay schemas not found at {SCHEMAS}")
-    crd = yaml.safe_load((SCHEMAS / CRDS[kind]).read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return version["schema"]["openAPIV3Schema"]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((SCHEMAS / CRDS[kind]).read_text(), Loader=loader)  # noqa: S506
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    # The CRD's own schema is KubeRay's, not checked here (jsonschema.validate would spend 2 s
+    # checking it against the metaschema on every call).
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def _unknown_fields(doc, schema, path="$"):
+    """Fields the schema does not name, which kubectl's strict field validation refuses (a CRD's
+    schema leaves out `additionalProperties: false`, so jsonschema alone lets a typo through)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(doc, dict):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        for k, v in doc.items():
+            if props is not None and k in props:
+                yield from _unknown_fields(v, props[k], f"{path}.{k}")
+            elif isinstance(extra, dict):  # a map: every value has the same schema
+                yield from _unknown_fields(v, extra, f"{path}.{k}")
+            elif props is not None:
+                yield f"{path}.{k}"
+    elif isinstance(doc, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(doc):
+            yield from _unknown_fields(v, schema["items"], f"{path}[{i}]")
 
 
 @pytest.mark.parametrize("doc", list(_docs()))
 def test_manifest_is_valid(doc):
     if doc["kind"] in CRDS:
         assert doc["apiVersion"] == "ray.io/v1"
-        jsonschema.validate(doc, _crd_schema(doc["kind"]))
+        validator = _crd_validator(doc["kind"])
+        validator.validate(doc)
+        assert list(_unknown_fields(doc, validator.schema)) == []
     else:
         import kubernetes_validate
         kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_a_misspelled_field_or_a_repeated_key_is_caught():
+    doc = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    doc["spec"]["rayClusterSpec"]["headGroupSpecs"] = doc["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert list(_unknown_fields(doc, _crd_validator("RayJob").schema)) == [
+        "$.spec.rayClusterSpec.headGroupSpecs"]
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'spec'"):
+        yaml.load("kind: RayJob\nspec: {}\nspec: {}\n", Loader=StrictLoader)  # noqa: S506
 
 
 def _cluster_specs():
@@ -78,7 +116,7 @@ def test_rayservice_serve_config_is_valid():
 
     from charrnn.config import serve_config_from_args
     doc = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
-    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    serve_cfg = load_yaml(doc["spec"]["serveConfigV2"])  # strict: no repeated keys
     ServeDeploySchema.model_validate(serve_cfg)
     for app in serve_cfg["applications"]:
         assert app["import_path"] == "charrnn.serve:build_app"

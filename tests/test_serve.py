@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from charrnn.typed import load_yaml
 from tests.conftest import ROOT, run_job
 from tests.services import free_port, moto_server, ray_listeners_off_loopback, s3_client, wait_for
 
@@ -313,7 +314,7 @@ def test_serving_from_s3(serve_base, run_dir):
 
 
 def test_shipped_serve_config_is_valid():
-    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    cfg = load_yaml((ROOT / "serve_config.yaml").read_text())
     from ray.serve.schema import ServeDeploySchema
     ServeDeploySchema.model_validate(cfg)
     app = cfg["applications"][0]

@@ -13,7 +13,7 @@ from charrnn.dist import LocalBackend
 from charrnn.errors import CheckpointError, Interrupted
 from charrnn.train_loop import Trainer
 from charrnn.trainer import fit, prepare
-from tests.conftest import ROOT, run_job
+from tests.conftest import ROOT, call_job, run_job
 
 
 def test_train_then_generate_from_the_winner(tiny_run, tmp_path):
@@ -291,56 +291,57 @@ def _error_line(p):
     (None, ["--corpus", "http://127.0.0.1:9/x.txt"], "--corpus PATH"),
     (None, ["--set", "model.hidden=3"], "unknown config key"),
     (None, ["--set", "train.epochs=many"], "expected int"),
-    (None, ["--config", "{tmp}/none.yaml"], "config file not found"),
+    ("process", ["--config", "{tmp}/none.yaml"], "config file not found"),  # as a user runs it
 ])
-def test_cli_errors_are_one_line(tmp_path, setup, args, match):
+def test_cli_errors_are_one_line(tmp_path, setup, args, match, capfd):
     (tmp_path / "short.txt").write_text("abc " * 20)
     (tmp_path / "binary.txt").write_bytes(b"ab\xfe\xffcd" * 100)
     (tmp_path / "drop.txt").write_text("abab\nab\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    p = run_job("train.py", "--config", "configs/tiny.yaml", "--storage", str(tmp_path / "runs"),
-                *args)
+    common = ("train.py", "--config", "configs/tiny.yaml", "--storage", str(tmp_path / "runs"))
+    p = run_job(*common, *args) if setup == "process" else call_job(capfd, *common, *args)
     assert match in _error_line(p)
 
 
-def test_generate_cli_errors(tiny_run, tmp_path):
+def test_generate_cli_errors(tiny_run, tmp_path, capfd):
     storage, name, _ = tiny_run
     run = str(storage / name)
+    # one case as a user runs it (a new process); the rest call main() in this process
     assert "'ω'" in _error_line(run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa"))
-    ok = run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa", "--oov", "drop",
-                 "--max-chars", "5")
+    ok = call_job(capfd, "generate.py", "--checkpoint", run, "--prompt", "Ωa", "--oov", "drop",
+                  "--max-chars", "5")
     assert ok.returncode == 0 and ok.stdout.startswith("Ωa")
-    assert "--temperature must be a finite number > 0" in _error_line(run_job(
-        "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
-    assert "--max-chars must be >= 0" in _error_line(run_job(
-        "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
+    assert "--temperature must be a finite number > 0" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
+    assert "--max-chars must be >= 0" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
     moved = tmp_path / "moved"  # a checkpoint whose training corpus is not on this machine
     best = json.loads((storage / name / "winner.json").read_text())["checkpoint"]
     shutil.copytree(storage / name / best, moved)
     cfg = json.loads((moved / "config.json").read_text())
     cfg["data"]["corpus"] = str(tmp_path / "elsewhere.txt")
     (moved / "config.json").write_text(json.dumps(cfg))
-    assert "--random-prompt: corpus file not found: " in _error_line(run_job(
-        "generate.py", "--checkpoint", str(moved), "--random-prompt"))
-    assert "--corpus: data.corpus must be set" in _error_line(run_job(
-        "generate.py", "--checkpoint", str(moved), "--random-prompt", "--corpus", ""))
-    assert "--device: device must be auto, cpu, cuda or cuda:N, got 'tpu'" in _error_line(run_job(
-        "generate.py", "--checkpoint", run, "--prompt", "a", "--device", "tpu"))
-    assert "--seed must be >= 0" in _error_line(run_job(
-        "generate.py", "--checkpoint", run, "--prompt", "a", "--seed", "-1"))
-    assert "(or use --greedy)" in _error_line(run_job(
-        "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "nan"))
+    assert "--random-prompt: corpus file not found: " in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", str(moved), "--random-prompt"))
+    assert "--corpus: data.corpus must be set" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", str(moved), "--random-prompt", "--corpus", ""))
+    assert "--device: device must be auto, cpu, cuda or cuda:N, got 'tpu'" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--device", "tpu"))
+    assert "--seed must be >= 0" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--seed", "-1"))
+    assert "(or use --greedy)" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "nan"))
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
-    assert "has no prompts" in _error_line(run_job("generate.py", "--checkpoint", run,
-                                                    "--prompts-file", str(blank)))
+    assert "has no prompts" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
     blank.write_bytes(b"ab\xff\n")
-    assert "not UTF-8 text (byte offset 2)" in _error_line(run_job(
-        "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
-    assert "does not exist" in _error_line(run_job("generate.py", "--checkpoint",
-                                                   str(tmp_path / "nope"), "--prompt", "a"))
-    assert "prompts-file" in _error_line(run_job("generate.py", "--checkpoint", run,
-                                                 "--prompts-file", str(tmp_path / "nope.txt")))
+    assert "not UTF-8 text (byte offset 2)" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
+    assert "does not exist" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "a"))
+    assert "prompts-file" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(tmp_path / "nope.txt")))
 
 
 def test_resources_a_cluster_cannot_supply():
