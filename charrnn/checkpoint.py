@@ -145,6 +145,14 @@ def _saved_config(d: Any) -> Config:
         return config
 
 
+def saved_config(ckpt_uri: str) -> Config:
+    """The typed config of a checkpoint in storage (local or S3), without its weights."""
+    try:
+        return _saved_config(json.loads(storage.read_text(storage.join(ckpt_uri, "config.json"))))
+    except (ValueError, ConfigError) as e:  # a JSONDecodeError is a ValueError
+        raise CheckpointError(f"{ckpt_uri}: corrupt checkpoint metadata in config.json ({e})") from None
+
+
 def _without_inert_settings(d: Any) -> Any:
     """A saved config made to pass checks added since, where what it did stays the same: upper-case
     `data.drop_chars` under `data.lowercase` (accepted before) never dropped anything."""

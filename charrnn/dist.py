@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from charrnn import runlog, storage
-from charrnn.checkpoint import CHECKPOINT_NAME, WINNER, missing_files, read_winner
+from charrnn.checkpoint import CHECKPOINT_NAME, WINNER, missing_files, read_winner, saved_config
 from charrnn.data import local_index_batches
 from charrnn.errors import CharrnnError, CheckpointError, RunLockLost, TrainingDiverged
 from charrnn.generate import pick_device
@@ -73,11 +73,9 @@ def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
 def _winner_workers(run_uri: str) -> int | None:
     """`scaling.workers` of the winner's checkpoint (0: local mode); None when unreadable."""
     try:
-        ckpt = read_winner(storage.join(run_uri, WINNER))["checkpoint_uri"]
-        workers = json.loads(storage.read_text(storage.join(ckpt, "config.json")))["scaling"]["workers"]
-    except (CharrnnError, ValueError, KeyError, TypeError):
+        return saved_config(read_winner(storage.join(run_uri, WINNER))["checkpoint_uri"]).scaling.workers
+    except CharrnnError:
         return None
-    return workers if isinstance(workers, int) else None
 
 
 def keeper_entries(run_uri: str) -> list[dict]:
