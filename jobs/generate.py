@@ -32,16 +32,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-prompt", action="store_true",
                    help="start from a random slice of the training corpus (as the tutorial does)")
     p.add_argument("--corpus", help="corpus for --random-prompt (default: the checkpoint's)")
-    p.add_argument("--max-chars", type=int, default=500, help="characters to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-chars", type=int, default=500,
+                   help="characters to generate per prompt (default 500)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature (default 0.8; below 1e-5: greedy)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the tutorial's)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int, help="seed; prompt i uses seed + i")
+    p.add_argument("--seed", type=int, help="seed; prompt i uses seed + i (default: random)")
     p.add_argument("--oov", choices=["error", "drop", "replace"], default="error",
                    help="prompt characters outside the vocabulary: error (default), drop or "
                         "replace them with a space")
-    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p.add_argument("--format", choices=["text", "jsonl"], default="text",
+                   help="text (default: prompt + completion, '---' between prompts) or jsonl "
+                        "(one object per prompt: prompt, completion, seed, run)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="per-character steps in fp32 (default) or bf16 (faster where supported)")
