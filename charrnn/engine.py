@@ -130,7 +130,18 @@ class _Batch:
 
     def join(self, groups: list) -> None:
         """Add groups (prompts, params, _Group) to the batch; their prompts are prefilled
-        together, in one packed batch."""
+        together, in one packed batch. A group that cannot join (a prompt its model cannot
+        encode, say) gets the error alone; the running rows and the other groups go on."""
+        try:
+            self._join(groups)
+        except Exception as err:  # nothing was added: `_join` changes the batch only at its end
+            if len(groups) == 1:
+                groups[0][2].emit(err)
+                return
+            for g in groups:  # find the group that failed
+                self.join([g])
+
+    def _join(self, groups: list) -> None:
         e = self.e
         rows, prompts, params = [], [], []
         for ps, pars, g in groups:

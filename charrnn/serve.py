@@ -6,7 +6,7 @@
 Concurrent requests are gathered by `@serve.batch` into one stateful generation batch: the
 prompts are fed once, then the LSTM steps once per character for every active row. Each row has
 its own length, temperature, top-k/top-p and seed, and its stream ends as soon as its own length
-is reached. A replica watches the winner manifest and hot-swaps to a better checkpoint; a batch
+is reached. A replica watches the winner manifest and hot-swaps to a better checkpoint; a request
 keeps the model it started with, so in-flight requests finish on it.
 """
 
@@ -45,6 +45,9 @@ CHUNK_STEPS = 8  # characters per hand-off from the engine: streams stay smooth,
 class Row:
     prompt: str
     params: SampleParams
+    gen: Generator
+    """The model whose vocabulary and data settings prepared `prompt`: the row steps on it, even
+    when a hot swap lands between parsing the request and gathering its group."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the request is cancelled (its client disconnected): the engine drops the row."""
 
@@ -136,35 +139,59 @@ class CharRNNServer:
     async def _batch(self, rows: list[Row]) -> list[tuple[str, dict]]:
         """One gathered group of whole-text requests -> (completion, model info) per row.
 
-        The group joins the model's continuous-batching engine (`engine.py`): its rows step
+        The group joins its model's continuous-batching engine (`engine.py`): its rows step
         together with every other active row, in the engine's thread, which wakes this event
         loop once, with the texts, when the group is done.
         """
-        gen = self.current  # the model this group starts with and finishes on
-        queue = self._submit(gen, rows, chunk_steps=None)
-        texts = await queue.get()
-        if isinstance(texts, BaseException):
-            raise texts
-        return [(t, gen.info) for t in texts]
+        queue, parts = self._submit(rows, chunk_steps=None)
+        texts: list = [None] * len(rows)
+        for _ in parts:
+            while (item := await queue.get())[1] is DONE:
+                pass
+            idx, got = item
+            if isinstance(got, BaseException):
+                raise got
+            for i, t in zip(idx, got):
+                texts[i] = t
+        return [(t, r.gen.info) for t, r in zip(texts, rows)]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
     async def _batch_stream(self, rows: list[Row]) -> AsyncGenerator[list, None]:
         """One gathered group of streaming requests; yields text chunks (or StopIteration once a
         row is done), every CHUNK_STEPS characters."""
-        queue = self._submit(self.current, rows, chunk_steps=CHUNK_STEPS)
-        while (chars := await queue.get()) is not DONE:
+        queue, parts = self._submit(rows, chunk_steps=CHUNK_STEPS)
+        live = len(parts)
+        while live:
+            idx, chars = await queue.get()
+            if chars is DONE:  # that part's streams end now, not when the last part ends
+                live -= 1
+                if live:
+                    yield [StopIteration if i in idx else "" for i in range(len(rows))]
+                continue
             if isinstance(chars, BaseException):
                 raise chars
-            yield [StopIteration if c is None else c for c in chars]
+            out: list = [""] * len(rows)  # rows of another part: nothing new (skipped in chars())
+            for i, c in zip(idx, chars):
+                out[i] = StopIteration if c is None else c
+            yield out
 
-    def _submit(self, gen: Generator, rows: list[Row], chunk_steps: int | None) -> asyncio.Queue:
+    def _submit(self, rows: list[Row], chunk_steps: int | None):
+        """Queue each row on its model's engine: one part per model (one, unless a hot swap
+        landed while the group gathered). Returns the queue, which receives (row indices, item)
+        for every item a part's engine emits, and the parts' row indices."""
         self.batch_sizes[len(rows)] += 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        gen.engine.submit([r.prompt for r in rows], [r.params for r in rows],
-                          lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                          chunk_steps=chunk_steps, cancelled=[r.cancelled for r in rows])
-        return queue
+        parts: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            parts.setdefault(id(r.gen), []).append(i)
+        for idx in parts.values():
+            part = [rows[i] for i in idx]
+            part[0].gen.engine.submit(
+                [r.prompt for r in part], [r.params for r in part],
+                lambda item, idx=idx: loop.call_soon_threadsafe(queue.put_nowait, (idx, item)),
+                chunk_steps=chunk_steps, cancelled=[r.cancelled for r in part])
+        return queue, list(parts.values())
 
     # ----- request handling -------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -178,11 +205,12 @@ class CharRNNServer:
         self._auth(request)
         api.check_size(int(request.headers.get("content-length") or 0), self.cfg)
         req, prompts, params = api.parse(await request.body(), self.cfg)
+        gen = self.current  # read once: the request is prepared for, and runs on, this model
         try:
-            clean = self.current.prepare(prompts, req.oov)
+            clean = gen.prepare(prompts, req.oov)
         except (ValueError, CharrnnError) as e:  # characters outside the vocabulary
             raise HTTPError(422, str(e)) from None
-        return [Row(p, rp) for p, rp in zip(clean, Generator.row_params(params, len(clean)))]
+        return [Row(p, rp, gen) for p, rp in zip(clean, Generator.row_params(params, len(clean)))]
 
     @app.post("/generate", openapi_extra=api.BODY)
     async def generate(self, request: Request) -> JSONResponse:
@@ -203,12 +231,13 @@ class CharRNNServer:
         rows = await self._parse(request)
         if len(rows) != 1:
             raise HTTPError(422, "/generate/stream takes a single 'prompt'")
-        info = self.current.info
+        info = rows[0].gen.info
 
         async def chars():
             try:
                 async for c in self._batch_stream(rows[0]):
-                    yield c
+                    if c:
+                        yield c
             finally:  # done, or the client went away mid-stream: the row stops either way
                 rows[0].cancelled.set()
 

@@ -89,6 +89,35 @@ def test_an_error_reaches_every_waiting_group(model):
     assert done.wait(30) and errors
 
 
+def test_a_group_that_cannot_join_fails_alone(model):
+    """A prompt its model cannot encode fails its own group, not the rows already stepping nor
+    a group that joins at the same step (prefilled together with it)."""
+    engine = Engine(model, VOCAB)
+    paused, gate, first = threading.Event(), threading.Event(), []
+
+    def emit(item):  # holds the engine thread until both groups below are queued
+        paused.set()
+        assert gate.wait(30)
+        first.append(item)
+
+    engine.submit(["the "], [SampleParams(40, seed=1)], emit, chunk_steps=3)
+    assert paused.wait(30)
+    bad = collect(engine, ["\x00not in vocab"], [SampleParams(5, seed=1)])
+    good = collect(engine, ["hello", "a"], [SampleParams(30, seed=9), SampleParams(12, seed=2)])
+    gate.set()
+    assert bad[1].wait(30) and bad[2] and not any(bad[0])
+    out, done, errors = good
+    assert done.wait(30) and not errors
+    assert ["".join(o) for o in out] == generate(
+        model, VOCAB, ["hello", "a"], [SampleParams(30, seed=9), SampleParams(12, seed=2)])
+    deadline = time.monotonic() + 30
+    while (not first or first[-1] is not DONE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first[-1] is DONE
+    assert "".join(c[0] for c in first[:-1] if c[0]) == generate(
+        model, VOCAB, ["the "], [SampleParams(40, seed=1)])[0]
+
+
 def test_a_cancelled_row_stops_and_leaves_the_others_alone(model):
     """A row whose caller went away leaves the batch within a few steps; the rows beside it
     (same group or another) still get their whole texts, the same as offline."""
@@ -126,3 +155,44 @@ def test_whole_text_group_with_every_row_cancelled_still_completes(model):
     assert end is DONE and 0 < len(texts[0]) < 1_000_000
     with pytest.raises(ValueError, match="one cancelled event per prompt"):
         engine.submit(["a", "b"], [SampleParams(1)] * 2, lambda x: None, cancelled=gone)
+
+
+def test_a_hot_swap_while_a_group_gathers_splits_it_by_model():
+    """A request is prepared for the model serving when it arrives and runs on that model. A
+    group gathered across a hot swap holds rows of two models (other vocabularies, even): each
+    part joins its own model's engine, and every row gets the text its model gives it alone."""
+    import asyncio
+    import types
+    from collections import Counter
+
+    from charrnn.serve import CharRNNServer, Row
+    cls = CharRNNServer.func_or_class  # the replica's class; Serve's own wrappers are not needed
+
+    def served(chars, seed):
+        torch.manual_seed(seed)
+        vocab = Vocab.from_text(chars)
+        m = CharRNN(ModelConfig(vocab_size=len(vocab), embedding_dim=8, hidden_size=16,
+                                num_layers=1)).eval()
+        return types.SimpleNamespace(engine=Engine(m, vocab), info={"checkpoint": chars},
+                                     model=m, vocab=vocab)
+
+    old, new = served("abc ", 1), served("xyz ", 2)
+    rows = [Row("ab", SampleParams(20, seed=1), old), Row("xy", SampleParams(20, seed=2), new),
+            Row("c", SampleParams(5, seed=3), old)]
+    want = [generate(r.gen.model, r.gen.vocab, [r.prompt], [r.params])[0] for r in rows]
+    srv = types.SimpleNamespace(batch_sizes=Counter())
+    srv._submit = lambda rows, chunk_steps: cls._submit(srv, rows, chunk_steps)
+
+    async def both():
+        whole = await cls._batch.__wrapped__(srv, rows)  # what @serve.batch calls with a group
+        streams: list[list] = [[] for _ in rows]
+        async for chunk in cls._batch_stream.__wrapped__(srv, rows):
+            for s, c in zip(streams, chunk):
+                s.append(c)
+        return whole, streams
+
+    whole, streams = asyncio.run(both())
+    assert whole == [(w, r.gen.info) for w, r in zip(want, rows)]
+    for s, w in zip(streams, want):  # a stream ends with StopIteration, or when the group ends
+        end = s.index(StopIteration) if StopIteration in s else len(s)
+        assert "".join(s[:end]) == w and set(s[end + 1:]) <= {"", StopIteration}
