@@ -61,7 +61,7 @@ def to_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_png(history: list[dict]) -> bytes:
+def plot_png(history: list[dict], run: str = "charrnn") -> bytes:
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
@@ -72,7 +72,7 @@ def plot_png(history: list[dict]) -> bytes:
     best = min(history, key=lambda m: m["val_loss"])
     ax.axhline(best["val_loss"], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="optimizer step", ylabel="loss (nats/char)",
-           title=f"charrnn: best validation {best['val_loss']:.3f} nats/char at step {best['step']}")
+           title=f"{run}: best validation {best['val_loss']:.3f} nats/char at step {best['step']}")
     ax.grid(alpha=0.3)
     ax.legend()
     buf = io.BytesIO()
@@ -87,5 +87,6 @@ def write_record(run_uri: str, history: list[dict], plot: bool = True) -> None:
     storage.write_text(storage.join(run_uri, "metrics.json"), json.dumps(history, indent=1))
     storage.write_text(storage.join(run_uri, "metrics.csv"), to_csv(history))
     if plot and history:
-        storage.write_bytes(storage.join(run_uri, "loss_curve.png"), plot_png(history))
+        name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+        storage.write_bytes(storage.join(run_uri, "loss_curve.png"), plot_png(history, f"run {name!r}"))
 
