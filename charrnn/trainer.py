@@ -80,6 +80,33 @@ def _charrnn_failure(e: Exception) -> str | None:
     return None
 
 
+def connect_ray() -> None:
+    """`ray.init` on RAY_ADDRESS (set by `ray job submit`, or by hand), else a new cluster of this
+    machine. An address with no cluster behind it is one line, where Ray would retry for minutes."""
+    import socket
+
+    import ray
+    address = os.environ.get("RAY_ADDRESS", "")
+    where = f"RAY_ADDRESS={address}"
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    hint = ""
+    if sep and host and port.isdigit():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except OSError as e:
+            raise CharrnnError(
+                f"no Ray cluster answers at {where} ({e.strerror or e}): start one (`ray start "
+                "--head`), fix the address, or unset RAY_ADDRESS to train on this machine alone"
+            ) from None
+        hint = ("; the address answers, so check the token: a cluster with token authentication "
+                "needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+    try:
+        ray.init(log_to_driver=True)
+    except ConnectionError as e:  # no cluster for RAY_ADDRESS=auto, a refused token
+        raise CharrnnError(f"cannot connect to a Ray cluster ({where}): "
+                           f"{str(e).splitlines()[0]}{hint}") from None
+
+
 def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: bool) -> None:
     """Compare what the worker group needs with what the Ray cluster has now. Ray Train would
     wait for missing resources forever (an autoscaler may add nodes), retrying its worker group
@@ -134,7 +161,7 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     # A cluster this process starts is this machine alone: nothing will join it later.
     local_cluster = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)  # RAY_ADDRESS (set by `ray job submit`) or a local cluster
+        connect_ray()
     sc, have = cfg.scaling, ray.cluster_resources()
     gpus = sc.gpus_per_worker
     if gpus is None:

@@ -406,7 +406,7 @@ def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path)
 def test_ray_job_submit_end_to_end(corpus_path):
     with moto_server() as s3env:
         s3_client(s3env).create_bucket(Bucket="jobs")
-        with ray_head(extra_env=s3env) as (env, dashboard, _):
+        with ray_head(extra_env=s3env) as (env, dashboard, address):
             ray = str(Path(sys.executable).parent / "ray")
             s3_client(s3env).upload_file(str(corpus_path), "jobs", "corpus/wonderland.txt")
             argv = [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
@@ -421,6 +421,16 @@ def test_ray_job_submit_end_to_end(corpus_path):
                 time.sleep(2)
             assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
             assert "winner: s3://jobs/runs/submitted/winner.json" in p.stdout
+            # The same cluster without its token: one line naming the way out (Ray alone
+            # retries, then raises a traceback that does not mention the token).
+            bad = {**env, **s3env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN": "0" * 32}
+            p = run_job("train.py", "--config", "configs/tiny.yaml", "--workers", "1",
+                        "--corpus", str(corpus_path), "--storage", "s3://jobs/runs", "--name", "t",
+                        env=bad, timeout=200)
+            assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+            assert p.stderr.strip().splitlines()[-1].startswith(
+                f"error: cannot connect to a Ray cluster (RAY_ADDRESS={address}): ")
+            assert "needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN" in p.stderr
         objects = bucket_objects(s3env, "jobs")
         assert "runs/submitted/winner.json" in objects
         g = run_job("generate.py", "--checkpoint", "s3://jobs/runs/submitted/winner.json",

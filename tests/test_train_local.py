@@ -344,6 +344,17 @@ def test_generate_cli_errors(tiny_run, tmp_path, capfd):
         capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(tmp_path / "nope.txt")))
 
 
+def test_a_ray_address_with_no_cluster_is_one_line(monkeypatch):
+    """Ray itself retries such an address for minutes, printing only its own warnings."""
+    from charrnn.errors import CharrnnError
+    from charrnn.trainer import connect_ray
+    from tests.services import free_port
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    with pytest.raises(CharrnnError, match=r"^no Ray cluster answers at RAY_ADDRESS=127.0.0.1:\d+ "
+                                           r"\(Connection refused\): start one \(`ray start --head`\)"):
+        connect_ray()
+
+
 def test_resources_a_cluster_cannot_supply():
     from charrnn.errors import CharrnnError
     from charrnn.trainer import check_resources
