@@ -194,14 +194,15 @@ def apply_override(d: dict, assignment: str) -> None:
         node = getattr(node, p)
     if dataclasses.is_dataclass(node):
         raise ConfigError(f"--set: {key!r} is a section; set one of its fields")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        if not isinstance(node, str):
+    if isinstance(node, str):
+        # Text settings take the text after `=` as it is: `data.drop_chars=123`, `=[{`, `= `
+        # and `=ab #` mean those characters (YAML would read a number, fail, strip, or comment).
+        value: Any = raw
+    else:
+        try:
+            value = load_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {yaml_error(e)}") from None
-        value = raw  # `--set data.drop_chars=[{` means those characters
-    if isinstance(node, str) and not isinstance(value, str):
-        value = raw  # `--set data.drop_chars=123` means the string "123"
     cursor = d
     for p in parts[:-1]:
         cursor = cursor.setdefault(p, {})

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed; prompt i uses seed + i (default: random)")
     p.add_argument("--oov", choices=["error", "drop", "replace"], default="error",
                    help="prompt characters outside the vocabulary: error (default), drop or "
-                        "replace them with a space")
+                        "replace them with a space (the vocabulary's first character if it has none)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text",
                    help="text (default: prompt + completion, '---' between prompts) or jsonl "
                         "(one object per prompt: prompt, completion, seed, run)")

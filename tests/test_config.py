@@ -103,6 +103,9 @@ def test_yaml_merge_keys_may_be_overridden():
 def test_string_settings_take_any_text_from_set():
     assert load_config(None, ["data.drop_chars=[{"]).data.drop_chars == "[{"
     assert load_config(None, ["data.drop_chars=123"]).data.drop_chars == "123"
+    # spaces, quotes and '#' are characters too (YAML dropped ' ' and ' #', and read '"a"' as a)
+    for chars in (" ", "ab #", '"a"', "\t", "'"):
+        assert load_config(None, [f"data.drop_chars={chars}"]).data.drop_chars == chars
     # The text is lower-cased before characters are dropped: an upper-case one would drop nothing.
     with pytest.raises(ConfigError, match=r"data.drop_chars has upper-case 'AÉ', which a "
                                           r"lower-cased text never contains; give 'aé' instead"):
