@@ -1,22 +1,66 @@
-"""What every entry point in `jobs/` shares: user errors as one line, Ctrl-C as a clean exit."""
+"""What every entry point in `jobs/` shares: user errors as one line, Ctrl-C as a clean exit, and
+SIGTERM handled as Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from charrnn.errors import CharrnnError, Interrupted
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a Kubernetes pod stopping, `ray job stop`), raised where
+    Ctrl-C would be: local training saves a checkpoint and exits, as it does on Ctrl-C, instead of
+    losing what it trained since its last one."""
+
+
+_got_sigterm = threading.Event()
+
+
+def _on_sigterm(signum, frame) -> None:
+    _got_sigterm.set()
+    # Once: a second SIGTERM must not cut the save the first one started (SIGKILL still stops).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_sigint() -> Iterator[None]:
+    """While the block runs, deliver SIGTERM to this process as SIGINT: for code whose own SIGINT
+    handler stops gracefully (Ray Train's aborts its run; `ray.init` made SIGTERM a bare exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame) -> None:
+        _got_sigterm.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(main: Callable[[], int]) -> int:
+    """Run `main`: status 2 and one line for a user error, 130 for Ctrl-C, 143 for SIGTERM."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return main()
     except CharrnnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:  # Interrupted: its message says what was kept
+        print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        return 143 if _got_sigterm.is_set() else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

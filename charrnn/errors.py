@@ -39,7 +39,8 @@ class TrainingDiverged(CharrnnError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C ended training; the message says what was kept and how to go on (exit status 130)."""
+    """Ctrl-C (or SIGTERM, `cli.Terminated`) ended training; the message says what was kept and
+    how to go on (exit status 130; 143 after SIGTERM)."""
 
     def __init__(self, message: str = "checkpoint saved; run the same command again to resume"):
         super().__init__(message)

@@ -17,6 +17,7 @@ import numpy as np
 
 from charrnn import corpus, runlock, runlog, storage
 from charrnn.checkpoint import WINNER
+from charrnn.cli import sigterm_as_sigint
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
@@ -190,7 +191,8 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
     )
     stopped_error(loop_config["run_uri"])  # a note left by an earlier attempt is old news
     try:
-        trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
+        with sigterm_as_sigint():  # `ray job stop`, a pod stopping: aborted as on Ctrl-C
+            trainer.fit()  # Train V2 raises on failure after `max_failures` restarts
     except ray.train.WorkerGroupError as e:
         # Ray Train gave up after `run.max_failures` restarts. It has logged each worker's
         # traceback; a user's or the environment's error (storage, say) ends as one line.

@@ -383,20 +383,23 @@ def test_more_workers_than_this_machine_is_one_error_line(corpus_path, tmp_path)
     assert time.monotonic() - t < 100
 
 
-def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path):
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path, sig, status):
     """Ray Train's SIGINT handler aborts the run, after which its `ray.get` raised SystemExit(1):
-    the job ended with status 1 and not a word. Now: one line, status 130, and the rerun resumes."""
+    the job ended with status 1 and not a word. Now: one line, status 130, and the rerun resumes.
+    SIGTERM (`ray job stop`, a pod stopping) made `ray.init`'s handler exit mid-run, and the
+    process then aborted (status 134); it now aborts the run as Ctrl-C does (status 143)."""
     args = ["--config", "configs/tiny.yaml", "--corpus", str(corpus_path), "--storage",
             str(tmp_path), "--name", "int", "--workers", "1"]
     p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "200"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (tmp_path / "int" / "winner.json").exists(), 240, "a first checkpoint")
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert p.returncode == 130, err[-2000:]
+    assert p.returncode == status, err[-2000:]
     assert "interrupted: Ray Train stopped the run; its reported checkpoints are kept" in err
     again = run_job("train.py", *args, "--max-minutes", "0.05")
     assert again.returncode == 0, again.stderr[-2000:]

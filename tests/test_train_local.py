@@ -228,6 +228,37 @@ def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, mon
     assert (t.step, t.epoch, t.epoch_step, t.steps_per_epoch) == (40, 0, 20, 64)
 
 
+def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path):
+    """`kill`, `docker stop`, a Kubernetes pod stopping: SIGTERM killed the process where it
+    stood, losing what it had trained since its last checkpoint (up to an epoch)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ["--config", "configs/tiny.yaml", "--corpus", str(corpus_path), "--storage",
+            str(tmp_path), "--name", "term", "--set", "train.sample_chars=0"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "500"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("corpus ")
+        while not p.stdout.readline().startswith("epoch "):  # its first checkpoint is saved
+            pass
+        time.sleep(0.3)  # into the second epoch
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert err.strip().splitlines() == ["interrupted: checkpoint saved; run the same command "
+                                        "again to resume"]
+    saved = json.loads((tmp_path / "term" / "checkpoints.json").read_text())[-1]
+    meta = json.loads((tmp_path / "term" / saved["name"] / "meta.json").read_text())
+    assert meta["history"][-1]["reason"] == "interrupted" and meta["step"] > 127  # mid-epoch
+    again = run_job("train.py", *args, "--epochs", "1")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming run 'term' from its checkpoint at step {meta['step']} " in again.stdout
+
+
 def test_ctrl_c_during_a_save_still_saves(corpus_path, tmp_path, monkeypatch):
     """Ctrl-C while the end-of-epoch checkpoint is being stored: the evaluation is redone, so
     the run really has the checkpoint its exit message promises, and the winner names it."""
