@@ -88,7 +88,7 @@ def connect_ray() -> None:
 
     import ray
     address = os.environ.get("RAY_ADDRESS", "")
-    where = f"RAY_ADDRESS={address}"
+    where = f"RAY_ADDRESS={address}" if address else "a new cluster of this machine"
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     hint = ""
     if sep and host and port.isdigit():
