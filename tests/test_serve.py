@@ -221,6 +221,15 @@ def test_swap_through_user_config(serve_base, run_dir):
     assert r.status_code == 200 and r.json()["model"]["checkpoint"] == str(ckpts[-1])
     from ray.serve.schema import ApplicationStatus
     assert serve.status().applications["uc"].status == ApplicationStatus.RUNNING
+    # A misspelled key changed nothing, silently; now GET /model names it.
+    serve.run(CharRNNServer.options(user_config={"checkpiont": str(ckpts[0])}).bind(args),
+              name="uc", route_prefix="/uc", blocking=False)
+    wait_for(lambda: "checkpiont" in (requests.get(serve_base + "/uc/model").json()["source_error"]
+                                      or ""), 60, "the misspelled user_config")
+    m = requests.get(serve_base + "/uc/model").json()
+    assert m["source_error"] == ("user_config: unknown key 'checkpiont' ignored (its one key is "
+                                 "'checkpoint')") and m["checkpoint"] == str(ckpts[-1])
+    assert serve.status().applications["uc"].status == ApplicationStatus.RUNNING
     serve.delete("uc")
 
 
