@@ -147,10 +147,8 @@ def _saved_config(d: Any) -> Config:
 
 def saved_config(ckpt_uri: str) -> Config:
     """The typed config of a checkpoint in storage (local or S3), without its weights."""
-    try:
-        return _saved_config(json.loads(storage.read_text(storage.join(ckpt_uri, "config.json"))))
-    except (ValueError, ConfigError) as e:  # a JSONDecodeError is a ValueError
-        raise CheckpointError(f"{ckpt_uri}: corrupt checkpoint metadata in config.json ({e})") from None
+    raw = storage.read_bytes(storage.join(ckpt_uri, "config.json"))
+    return _parse_json(raw, "config.json", ckpt_uri, _saved_config)
 
 
 def _without_inert_settings(d: Any) -> Any:
@@ -171,9 +169,13 @@ def _mapping(value: Any) -> dict:
 
 
 def _read_json(d: Path, name: str, where: str, build: Any) -> Any:
+    return _parse_json((d / name).read_bytes(), name, where, build)
+
+
+def _parse_json(raw: bytes, name: str, where: str, build: Any) -> Any:
     """Parse one metadata file of a checkpoint; anything unreadable names the file."""
     try:
-        return build(json.loads((d / name).read_text(encoding="utf-8")))
+        return build(json.loads(raw.decode("utf-8")))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, CharrnnError) as e:
         raise CheckpointError(f"{where}: corrupt checkpoint metadata in {name} "
                               f"({str(e) or type(e).__name__})") from None
