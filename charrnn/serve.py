@@ -77,7 +77,7 @@ class CharRNNServer:
         self._lock = threading.Lock()
         self.current = self._load(self.cfg.checkpoint)
         self.source = self.cfg.checkpoint  # what the replica follows (builder arg or user_config)
-        self.source_error: str | None = None  # why `source` is not serving, while it is not
+        self.load_error: str | None = None  # why `source` is not serving, while it is not
         self.config_note: str | None = None  # what the last user_config had that was ignored
         for gather in (self._batch, self._batch_stream):
             gather.set_max_batch_size(self.cfg.max_batch_size)
@@ -116,27 +116,31 @@ class CharRNNServer:
         corrupt) leaves the current model serving; the reason shows in GET /model."""
         try:
             self._swap_if_new(uri)
-            self.source_error = self.config_note
+            self.load_error = None
         except Exception as e:
-            self.source_error = f"{uri}: {e}"
-            log.warning("keeping %s: %s", self.current.info["checkpoint"], self.source_error)
+            self.load_error = f"{uri}: {e}"
+            log.warning("keeping %s: %s", self.current.info["checkpoint"], self.load_error)
+
+    @property
+    def source_error(self) -> str | None:
+        """What GET /model reports: why the followed checkpoint is not serving, and what the last
+        user_config had that was ignored; None when neither applies."""
+        return "; ".join(e for e in (self.load_error, self.config_note) if e) or None
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint. A URI
-        that cannot be loaded does not take the application down: the replica keeps its model,
-        says why in GET /model, and the watcher retries the URI (it may still be uploading).
-        Other keys (a misspelled `checkpoint`) are ignored and named there too."""
+        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint; a
+        config without that key returns to the builder's `checkpoint` (Serve configs declare the
+        state wanted). A URI that cannot be loaded does not take the application down: the replica
+        keeps its model, says why in GET /model, and the watcher retries the URI (it may still be
+        uploading). Other keys (a misspelled `checkpoint`) are ignored and named there too."""
         user_config = user_config or {}
         unknown = sorted(map(str, set(user_config) - {"checkpoint"}))
         self.config_note = (f"user_config: unknown key {', '.join(map(repr, unknown))} ignored "
                             "(its one key is 'checkpoint')") if unknown else None
         if self.config_note:
             log.warning(self.config_note)
-            self.source_error = self.config_note
-        uri = user_config.get("checkpoint")
-        if uri:
-            self.source = uri
-            self._follow(uri)
+        self.source = user_config.get("checkpoint") or self.cfg.checkpoint
+        self._follow(self.source)
 
     def check_health(self) -> None:
         if self.current is None:

@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from charrnn import checkpoint
 from charrnn.typed import load_yaml
 from tests.conftest import ROOT, run_job
 from tests.services import free_port, moto_server, ray_listeners_off_loopback, s3_client, wait_for
@@ -221,14 +222,22 @@ def test_swap_through_user_config(serve_base, run_dir):
     assert r.status_code == 200 and r.json()["model"]["checkpoint"] == str(ckpts[-1])
     from ray.serve.schema import ApplicationStatus
     assert serve.status().applications["uc"].status == ApplicationStatus.RUNNING
-    # A misspelled key changed nothing, silently; now GET /model names it.
+    # A misspelled key changed nothing, silently; now GET /model names it. Without a
+    # `checkpoint` key the replica follows the builder's checkpoint again (the run's winner).
     serve.run(CharRNNServer.options(user_config={"checkpiont": str(ckpts[0])}).bind(args),
               name="uc", route_prefix="/uc", blocking=False)
     wait_for(lambda: "checkpiont" in (requests.get(serve_base + "/uc/model").json()["source_error"]
                                       or ""), 60, "the misspelled user_config")
     m = requests.get(serve_base + "/uc/model").json()
     assert m["source_error"] == ("user_config: unknown key 'checkpiont' ignored (its one key is "
-                                 "'checkpoint')") and m["checkpoint"] == str(ckpts[-1])
+                                 "'checkpoint')")
+    assert m["source"] == str(run_dir) and m["checkpoint"] == checkpoint.resolve(str(run_dir))
+    # Fixed: the note goes.
+    serve.run(CharRNNServer.options(user_config={"checkpoint": str(ckpts[0])}).bind(args),
+              name="uc", route_prefix="/uc", blocking=False)
+    wait_for(lambda: requests.get(serve_base + "/uc/model").json()["checkpoint"] == str(ckpts[0]),
+             60, "the fixed user_config")
+    assert requests.get(serve_base + "/uc/model").json()["source_error"] is None
     assert serve.status().applications["uc"].status == ApplicationStatus.RUNNING
     serve.delete("uc")
 
