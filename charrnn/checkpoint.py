@@ -243,6 +243,19 @@ def winner_manifest(run_uri: str, checkpoint_name: str, metrics: dict, run_name:
     }
 
 
+def best_entry(history: list[dict]) -> dict:
+    """The entry of a run's history with the lowest validation loss: what `winner.json` names."""
+    return min(history, key=lambda m: m["val_loss"])
+
+
+def publish_winner(run_uri: str, history: list[dict], run_name: str, model_summary: dict) -> dict:
+    """Point `winner.json` at the best checkpoint of `history`; returns the manifest written."""
+    best = best_entry(history)
+    manifest = winner_manifest(run_uri, dir_name(best["step"]), best, run_name, model_summary)
+    write_winner(run_uri, manifest)
+    return manifest
+
+
 def write_winner(run_uri: str, manifest: dict) -> str:
     """Point `winner.json` at a checkpoint, but only one that is complete in storage.
 

@@ -75,12 +75,9 @@ def changed_settings(old: Config, new: Config) -> list[str]:
             for k, v in b[sec].items() if a[sec].get(k) != v]
 
 
-NO_WINNER = "nothing"  # what `stale_winner` says of a missing or unreadable winner manifest
-
-
-def stale_winner(run_uri: str, history: list[dict]) -> str | None:
-    """What `winner.json` names (a checkpoint, or `NO_WINNER`) when that is not the best
-    checkpoint of the restored `history`; None when it is.
+def repoint_winner(run_uri: str, history: list[dict], run_name: str, model_summary: dict) -> str | None:
+    """On resume: make `winner.json` name the best checkpoint of the restored `history`.
+    Returns a line saying what changed, or None when it already did.
 
     Ray Train records a report up to ~2 s after it returns (its controller polls the workers),
     so a run stopped in that window resumes from the checkpoint before the last one, while the
@@ -89,9 +86,17 @@ def stale_winner(run_uri: str, history: list[dict]) -> str | None:
     move back to what this attempt knows. (Local mode: a crash between the index and the winner.)
     """
     uri = storage.join(run_uri, checkpoint.WINNER)
-    best = checkpoint.dir_name(min(history, key=lambda m: m["val_loss"])["step"])
+    best = checkpoint.dir_name(checkpoint.best_entry(history)["step"])
     try:
         named = checkpoint.read_winner(uri)["checkpoint"] if storage.exists(uri) else None
     except CheckpointError:
         named = None
-    return None if named == best else (named or NO_WINNER)
+    if named == best:
+        return None
+    try:
+        checkpoint.publish_winner(run_uri, history, run_name, model_summary)
+    except CheckpointError as e:  # that one is gone too: the next improvement publishes
+        return f"warning: {checkpoint.WINNER} not updated: {e}"
+    was = ("was missing or unreadable" if named is None else f"named {named}, which this "
+           "attempt did not resume with (the run stopped before it was recorded)")
+    return f"{checkpoint.WINNER} {was}; it now names {best}"

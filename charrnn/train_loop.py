@@ -79,7 +79,10 @@ class Trainer:
                 self._restore(model, directory)
         self.model = backend.wrap(model)
         if self.history and backend.is_writer:
-            self._repoint_winner()
+            line = resume.repoint_winner(backend.run_uri, self.history, cfg.run.name,
+                                         unwrap(self.model).summary())
+            if line:
+                runlog.say(line)
         self.autocast = optim.autocast(backend.device, t.precision)
         self._reset_meter()
 
@@ -292,31 +295,13 @@ class Trainer:
             f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "
             f"train.precision=fp32, and {again}")
 
-    def _repoint_winner(self) -> None:
-        """On resume: the winner becomes the best of the restored history (`resume.stale_winner`)."""
-        stale = resume.stale_winner(self.b.run_uri, self.history)
-        if stale is None:
-            return
-        try:
-            best = self._publish_winner()
-        except CheckpointError as e:  # that one is gone too: the next improvement publishes
-            runlog.say(f"warning: {checkpoint.WINNER} not updated: {e}")
-            return
-        was = ("was missing or unreadable" if stale is resume.NO_WINNER else f"named {stale}, "
-               "which this attempt did not resume with (the run stopped before it was recorded)")
-        runlog.say(f"{checkpoint.WINNER} {was}; it now names {best}")
-
-    def _publish_winner(self, final: bool = False) -> str:
-        """Point `winner.json` at the best checkpoint of the history; returns its name."""
-        best = min(self.history, key=lambda m: m["val_loss"])
-        manifest = checkpoint.winner_manifest(
-            self.b.run_uri, checkpoint.dir_name(best["step"]), best, self.cfg.run.name,
-            unwrap(self.model).summary())
-        uri = checkpoint.write_winner(self.b.run_uri, manifest)
+    def _publish_winner(self, final: bool = False) -> None:
+        manifest = checkpoint.publish_winner(self.b.run_uri, self.history, self.cfg.run.name,
+                                             unwrap(self.model).summary())
         if final:
-            runlog.say(f"best val {best['val_loss']:.4f} nats/char ({best['val_bpc']:.3f} bpc) "
-                       f"at step {best['step']}; winner manifest {uri}")
-        return manifest["checkpoint"]
+            runlog.say(f"best val {manifest['val_loss']:.4f} nats/char ({manifest['val_bpc']:.3f} "
+                       f"bpc) at step {manifest['step']}; winner manifest "
+                       f"{storage.join(self.b.run_uri, checkpoint.WINNER)}")
 
     def _sample(self) -> str:
         n = self.cfg.train.sample_chars
