@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from charrnn.errors import CharrnnError, Interrupted
+from charrnn.errors import CharrnnError, Interrupted, out_of_memory
 
 
 class Terminated(KeyboardInterrupt):
@@ -48,8 +48,9 @@ def sigterm_as_sigint() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_cli(main: Callable[[], int]) -> int:
-    """Run `main`: status 2 and one line for a user error, 130 for Ctrl-C, 143 for SIGTERM."""
+def run_cli(main: Callable[[], int], oom_hint: str = "smaller inputs") -> int:
+    """Run `main`: status 2 and one line for a user error, 1 and one line ending in `oom_hint`
+    (what to lower) when memory runs out, 130 for Ctrl-C, 143 for SIGTERM."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -58,6 +59,13 @@ def run_cli(main: Callable[[], int]) -> int:
     except CharrnnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        size = out_of_memory(e)
+        if size is None:
+            raise
+        print(f"error: out of memory: could not allocate {size}; ask for less ({oom_hint})",
+              file=sys.stderr)
+        return 1
     except (Interrupted, KeyboardInterrupt) as e:  # Interrupted: its message says what was kept
         print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         return 143 if _got_sigterm.is_set() else 130

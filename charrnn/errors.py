@@ -2,8 +2,11 @@
 
 Anything a user can cause (a bad flag, a missing file, an unreachable bucket) raises
 `CharrnnError` with a one-line message; the CLIs in `jobs/` print it without a traceback and
-exit with status 2. Everything else is a bug and keeps its traceback.
+exit with status 2. Running out of memory is one line too (status 1, `out_of_memory`).
+Everything else is a bug and keeps its traceback.
 """
+
+import re
 
 
 class CharrnnError(Exception):
@@ -44,3 +47,16 @@ class Interrupted(Exception):
 
     def __init__(self, message: str = "checkpoint saved; run the same command again to resume"):
         super().__init__(message)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """How much could not be allocated ("596.0 GiB"), when `e` is numpy's MemoryError, torch's CPU
+    allocator failure or its CUDA OutOfMemoryError; None for any other error."""
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e)):
+        return None
+    m = re.search(r"allocate ([\d.]+) ?(bytes|[KMGT]iB)", str(e), re.IGNORECASE)
+    if not m:
+        return "memory"
+    size, unit = float(m.group(1)), m.group(2)
+    return f"{size / 2**30:.1f} GiB" if unit.lower() == "bytes" else f"{size:g} {unit}"

@@ -21,7 +21,7 @@ from charrnn.cli import sigterm_as_sigint
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
-from charrnn.errors import CharrnnError, Interrupted
+from charrnn.errors import CharrnnError, Interrupted, out_of_memory
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
 
@@ -78,6 +78,15 @@ def _charrnn_failure(e: Exception) -> str | None:
         base = getattr(err, "_base_exc", err)
         if isinstance(base, CharrnnError):
             return f"rank {rank}: {base}"
+    return None
+
+
+def _oom_failure(e: Exception) -> BaseException | None:
+    """The first worker's failure that is running out of memory (`errors.out_of_memory`)."""
+    for _, err in sorted(getattr(e, "worker_failures", {}).items()):
+        base = getattr(err, "_base_exc", err)
+        if out_of_memory(base) is not None:
+            return base
     return None
 
 
@@ -198,6 +207,9 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
         # traceback; a user's or the environment's error (storage, say) ends as one line.
         failure = _charrnn_failure(e)
         if failure is None:
+            oom = _oom_failure(e)
+            if oom is not None:  # the CLI's one line; Ray has logged where it happened
+                raise oom from None
             raise
         raise CharrnnError(f"Ray Train stopped the run after {cfg.run.max_failures} restart(s); "
                            f"{failure}") from None

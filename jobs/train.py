@@ -52,4 +52,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, oom_hint="a smaller model.hidden_size, model.num_layers or "
+                              "train.batch_size"))

@@ -346,6 +346,11 @@ def test_generate_cli_errors(tiny_run, tmp_path, capfd):
         capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--temperature", "0"))
     assert "--max-chars must be >= 0" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", "-1"))
+    # More than any address space holds: one line and status 1, not numpy's traceback.
+    p = run_job("generate.py", "--checkpoint", run, "--prompt", "a", "--max-chars", str(10**14))
+    assert p.returncode == 1 and p.stderr == (
+        "error: out of memory: could not allocate 364 TiB; ask for less (fewer prompts or a "
+        "smaller --max-chars)\n")
     moved = tmp_path / "moved"  # a checkpoint whose training corpus is not on this machine
     best = json.loads((storage / name / "winner.json").read_text())["checkpoint"]
     shutil.copytree(storage / name / best, moved)
@@ -507,6 +512,39 @@ def test_a_worker_failure_that_is_a_charrnn_error_is_one_line():
     assert _charrnn_failure(WorkerGroupError("x", wrapped)) == "rank 1: s3://b/r: no such bucket"
     bug = {0: UserExceptionWithTraceback(ZeroDivisionError("division by zero"), "Traceback...")}
     assert _charrnn_failure(WorkerGroupError("x", bug)) is None
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """numpy's MemoryError, torch's CPU allocator failure (a RuntimeError) and CUDA's
+    OutOfMemoryError end as one line and status 1, locally and from a Ray Train worker; any other
+    RuntimeError keeps its traceback."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from charrnn.cli import run_cli
+    from charrnn.errors import out_of_memory
+    from charrnn.trainer import _oom_failure
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 640000000000 bytes. Error code 12")
+    cuda = type("OutOfMemoryError", (RuntimeError,), {})(
+        "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.15 GiB total capacity)")
+    assert out_of_memory(cpu) == "596.0 GiB" and out_of_memory(cuda) == "20 GiB"
+    assert out_of_memory(MemoryError("Unable to allocate 37.3 GiB for an array")) == "37.3 GiB"
+    assert out_of_memory(MemoryError()) == "memory" and out_of_memory(RuntimeError("x")) is None
+
+    def fail(e):
+        def main():
+            raise e
+        return main
+    assert run_cli(fail(cpu), oom_hint="a smaller model") == 1
+    assert capsys.readouterr().err == ("error: out of memory: could not allocate 596.0 GiB; ask "
+                                       "for less (a smaller model)\n")
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(fail(RuntimeError("a bug")))
+    failures = {0: UserExceptionWithTraceback(ZeroDivisionError("x"), "Traceback..."),
+                1: UserExceptionWithTraceback(cpu, "Traceback...")}
+    assert _oom_failure(WorkerGroupError("x", failures)) is cpu
+    assert _oom_failure(WorkerGroupError("x", {0: failures[0]})) is None
 
 
 def test_a_ranks_steps_cover_its_share_even_with_fewer_windows_than_workers(tmp_path):
