@@ -7,6 +7,7 @@ the epoch position to the current batch size and number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -31,16 +32,36 @@ def open_checkpoint(directory: Path, run_name: str, local: bool) -> tuple[checkp
 
 
 def check_same_run(loaded: checkpoint.Loaded, cfg: Config, vocab: Vocab, val_signature: str) -> None:
-    if loaded.vocab != vocab or loaded.config.model != cfg.model:
+    """Refuse to resume from a checkpoint of another model, vocabulary or held-out text, naming
+    what differs."""
+    diff = [f"model.{k} {v!r} -> {getattr(cfg.model, k)!r}"
+            for k, v in dataclasses.asdict(loaded.config.model).items()
+            if k != "vocab_size" and getattr(cfg.model, k) != v]
+    if loaded.vocab != vocab:  # the corpus or its cleaning changed: say which settings did
+        diff += [_vocab_change(loaded.vocab, vocab)] + [
+            c for c in changed_settings(loaded.config, cfg) if c.startswith("data.")]
+    if diff:
         raise CheckpointError(
             f"run {cfg.run.name!r} already holds a checkpoint of a different model or "
-            "vocabulary; use another --name to start a new run")
+            f"vocabulary ({'; '.join(diff)}); use another --name to start a new run")
     if loaded.meta.get("val_signature", val_signature) != val_signature:
         # Its best validation loss was measured on other text: the winner would be wrong.
+        changed = [c for c in changed_settings(loaded.config, cfg)
+                   if c.startswith(("data.", "train.eval_max_chars "))]
         raise CheckpointError(
-            f"run {cfg.run.name!r} was validated on other held-out text (the corpus, its "
-            "cleaning, data.val_fraction or train.eval_max_chars changed); use another --name "
-            "to start a new run")
+            f"run {cfg.run.name!r} was validated on other held-out text "
+            f"({'; '.join(changed) or 'the corpus text changed'}); use another --name to start a "
+            "new run")
+
+
+def _vocab_change(old: Vocab, new: Vocab) -> str:
+    """`vocabulary 45 -> 71 characters, new 'A', 'B', ... and 18 more, gone ...`."""
+    def some(chars: set[str]) -> str:
+        shown = sorted(chars)
+        return ", ".join(map(repr, shown[:8])) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+    added, gone = set(new.chars) - set(old.chars), set(old.chars) - set(new.chars)
+    what = [f"new {some(added)}"] * bool(added) + [f"gone {some(gone)}"] * bool(gone)
+    return f"vocabulary {len(old)} -> {len(new)} characters, " + (", ".join(what) or "reordered")
 
 
 def apply_optimizer_settings(opt: torch.optim.Optimizer, sched, t: TrainConfig) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -168,9 +169,19 @@ def test_resuming_on_other_held_out_text_is_refused(corpus_path, tmp_path):
     other text, the winner would compare unlike numbers. Same text, other settings: fine."""
     from charrnn.errors import CharrnnError
     fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=1"))
-    for change in ("data.val_fraction=0.2", "train.eval_max_chars=5000"):
-        with pytest.raises(CharrnnError, match="run 'v' was validated on other held-out text"):
+    for change, why in (("data.val_fraction=0.2", "data.val_fraction 0.1 -> 0.2"),
+                        ("train.eval_max_chars=5000", "train.eval_max_chars 2000000 -> 5000")):
+        with pytest.raises(CharrnnError, match=re.escape(
+                f"run 'v' was validated on other held-out text ({why}); use another --name")):
             fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=2", change))
+    # Another model or vocabulary: the message names what differs.
+    for changes, why in (
+            (["model.hidden_size=48"], "(model.hidden_size 32 -> 48)"),
+            (["data.drop_chars=xyz", "model.num_layers=2"], "(model.num_layers 1 -> 2; vocabulary "
+             "45 -> 42 characters, gone 'x', 'y', 'z'; data.drop_chars '' -> 'xyz')")):
+        with pytest.raises(CharrnnError, match=re.escape(
+                f"run 'v' already holds a checkpoint of a different model or vocabulary {why}; ")):
+            fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=2", *changes))
     fit(_cfg(corpus_path, tmp_path, "v", "train.epochs=2", "train.lr=0.005"))
     assert [m["step"] for m in json.loads((tmp_path / "v" / "metrics.json").read_text())] == [127, 254]
 
