@@ -28,6 +28,19 @@ _START = re.compile(r"^\ufeff?\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG EBOO
 _END = re.compile(r"^\ufeff?\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
 
 
+def absolute(source: str) -> str:
+    """A local corpus path made absolute (saved so in checkpoints, whose `--random-prompt` then
+    finds the text from any directory); other sources and unsupported schemes as given."""
+    if source.startswith(("gutenberg:", "http://", "https://")):
+        return source
+    from charrnn import storage
+    try:
+        path = storage.local_path(source)
+    except StorageError:
+        return source  # `fetch_bytes` says what is wrong with it
+    return str(path) if path is not None and source else source
+
+
 def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
     """Raw bytes of a corpus source, downloading (and caching) remote books."""
     if source.startswith("gutenberg:"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn import checkpoint, storage
+from charrnn import checkpoint, corpus, storage
 from charrnn.config import Config, TrainConfig
 from charrnn.errors import CheckpointError
 from charrnn.vocab import Vocab
@@ -92,6 +92,7 @@ def changed_settings(old: Config, new: Config) -> list[str]:
     # Where the run lives is where its checkpoint was just found: a relative `./runs` saved by an
     # older version, or a copied run, is the same run, not a changed setting.
     a["run"].pop("storage"), b["run"].pop("storage")
+    a["data"]["corpus"] = corpus.absolute(a["data"]["corpus"])  # older versions kept it relative
     return [f"{sec}.{k} {a[sec].get(k)!r} -> {v!r}" for sec in ("data", "train", "run", "scaling")
             for k, v in b[sec].items() if a[sec].get(k) != v]
 

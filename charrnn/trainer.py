@@ -50,11 +50,13 @@ def fit(cfg: Config) -> str:
     # Workers must reach the same endpoint: it (not a secret) travels in the config. Credentials
     # never do; each process reads them from its own environment (Secret, IAM role, ~/.aws).
     # A local storage path becomes absolute: Ray Train workers do not run in this directory, and
-    # a relative one would have them write checkpoints and `winner.json` somewhere else.
+    # a relative one would have them write checkpoints and `winner.json` somewhere else. So does
+    # a local corpus path, which checkpoints keep for `generate.py --random-prompt`.
     local = storage.local_path(cfg.run.storage)
     cfg = cfg.replace(run=dataclasses.replace(
         cfg.run, storage=str(local) if local else cfg.run.storage,
-        s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()))
+        s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()),
+        data=dataclasses.replace(cfg.data, corpus=corpus.absolute(cfg.data.corpus)))
     cfg, vocab, ids = prepare(cfg)
     ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)
     with runlock.run_lock(uri, cfg.run.name) as lease:

@@ -579,3 +579,28 @@ def test_a_ranks_steps_cover_its_share_even_with_fewer_windows_than_workers(tmp_
     backend.world = 2
     t = Trainer(cfg, vocab, big, backend)
     assert t.K == 129 and t.steps_per_epoch == 2  # K // world counted 1: a window left out
+
+
+def test_a_relative_corpus_path_is_saved_absolute(corpus_path, tmp_path, monkeypatch, capsys):
+    """A checkpoint keeps its corpus for `generate.py --random-prompt`: saved as given
+    (`../shared/...`), it was looked up in whatever directory generation ran from. A checkpoint of
+    an older version, which kept it relative, resumes without a 'changed' line for it."""
+    import os
+
+    from charrnn.corpus import load_text
+    monkeypatch.chdir(corpus_path.parent)
+    fit(_cfg(corpus_path.name, tmp_path, "rel", "train.epochs=1"))
+    loaded = checkpoint.load(str(tmp_path / "rel"))
+    assert loaded.config.data.corpus == str(corpus_path)
+    monkeypatch.chdir(tmp_path)
+    assert len(load_text(loaded.config.data)) > 100_000  # what --random-prompt reads
+    # as an older version saved it: relative to the directory training ran in
+    cfg_file = tmp_path / "rel" / "checkpoint_00000127" / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    saved["data"]["corpus"] = os.path.relpath(corpus_path, corpus_path.parent.parent)
+    cfg_file.write_text(json.dumps(saved))
+    monkeypatch.chdir(corpus_path.parent.parent)
+    capsys.readouterr()
+    fit(_cfg(saved["data"]["corpus"], tmp_path, "rel", "train.epochs=2"))
+    out = capsys.readouterr().out
+    assert "changed since that checkpoint: train.epochs 1 -> 2\n" in out  # not data.corpus
