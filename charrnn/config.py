@@ -75,8 +75,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     max_minutes: float = 0.0
-    """Stop (after saving a checkpoint) once this invocation has trained this long; the LR
-    schedule then anneals by time as well as by steps. 0 means no limit."""
+    """Stop (after saving a checkpoint) once this invocation has trained this long, Ray Train's
+    restarts after a failure included (`budget.py`); the LR schedule then anneals by time as well
+    as by steps. 0 means no limit."""
     seed: int = 1337
     """Seeds weights, window offsets, shuffling and dropout."""
     precision: str = "auto"

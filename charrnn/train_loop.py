@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from charrnn import checkpoint, optim, resume, runlock, runlog, storage
+from charrnn.budget import TimeBudget
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
@@ -44,7 +45,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints,
                                lease=loop_config.get("lease"))
     try:
-        trainer = Trainer(cfg, vocab, ids, backend)
+        trainer = Trainer(cfg, vocab, ids, backend, loop_config.get("invocation"))
     except CheckpointError as e:
         # The checkpoint to resume from is damaged or of another model, vocabulary or held-out
         # text: every rank reads the same one, so Ray Train's restarts would only fail again.
@@ -54,9 +55,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, vocab: Vocab, ids: np.ndarray, backend: Backend):
+    def __init__(self, cfg: Config, vocab: Vocab, ids: np.ndarray, backend: Backend,
+                 invocation: str | None = None):
         self.cfg, self.vocab, self.b = cfg, vocab, backend
         t = cfg.train
+        # `invocation`: the `jobs/train.py` run this attempt belongs to (Ray Train restarts after
+        # a failure are more attempts of one), whose `train.max_minutes` it shares.
+        self.invocation, self.budget = invocation, TimeBudget(t.max_minutes)
         torch.manual_seed(t.seed + backend.rank)  # dropout streams differ per rank
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -68,8 +73,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(-(-self.K // backend.world) / t.batch_size)
         self.total_steps = t.epochs * self.steps_per_epoch
         model = CharRNN(cfg.model)
-        self.synced_elapsed = 0.0  # this attempt's time, averaged over ranks (drives the LR)
-        self.opt, self.sched = optim.build(model, t, self.total_steps, self._time_progress)
+        self.opt, self.sched = optim.build(model, t, self.total_steps, self.budget.progress)
         self.epoch = self.epoch_step = self.step = 0
         self.history: list[dict] = []
         self.best = float("inf")
@@ -91,6 +95,9 @@ class Trainer:
         loaded, state = resume.open_checkpoint(directory, self.cfg.run.name,
                                                local=isinstance(self.b, LocalBackend))
         resume.check_same_run(loaded, self.cfg, self.vocab, self.val_signature)
+        m = loaded.meta
+        if self.invocation and m.get("invocation") == self.invocation:  # a restart
+            self.budget.restore(m.get("invocation_elapsed_s", 0.0))
         model.load_state_dict(loaded.model.state_dict())
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -98,7 +105,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.b.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.b.device)
-        m = loaded.meta
         if self.b.rank:  # the saved state is rank 0's: other ranks keep distinct dropout masks
             torch.manual_seed(self.cfg.train.seed + 7919 * self.b.rank + m["step"])
         self.epoch, self.step = m["next_epoch"], m["step"]
@@ -106,24 +112,20 @@ class Trainer:
                                             self.steps_per_epoch)
         self.history, self.best, self.elapsed_before = m["history"], m["best_val_loss"], m["elapsed_s"]
         if self.b.is_writer:
+            b = self.budget
+            used = (f"; {b.before_s:.0f} s of this job's {self.cfg.train.max_minutes:g} "
+                    "train.max_minutes used" if b.before_s and b.limit_s else "")
             runlog.say(f"resuming run {self.cfg.run.name!r} from its checkpoint at step {self.step} "
-                       f"(epoch {self.epoch + 1}, best val {self.best:.4f})")
+                       f"(epoch {self.epoch + 1}, best val {self.best:.4f}{used})")
             changed = resume.changed_settings(loaded.config, self.cfg)
             if changed:
                 runlog.say("  changed since that checkpoint: " + ", ".join(changed))
 
     def _eta(self) -> float:
         """Seconds left: by the pace of this attempt, capped by `train.max_minutes`."""
-        elapsed = time.monotonic() - self.t0
-        eta = (self.total_steps - self.step) / max(self.step - self.start_step, 1) * elapsed
-        if self.cfg.train.max_minutes:
-            eta = min(eta, max(0.0, self.cfg.train.max_minutes * 60 - elapsed))
-        return eta
-
-    def _time_progress(self) -> float:
-        """Share of `train.max_minutes` used (0 without a limit); the same on every rank."""
-        limit = self.cfg.train.max_minutes * 60
-        return self.synced_elapsed / limit if limit else 0.0
+        pace = self.budget.attempt_s() / max(self.step - self.start_step, 1)
+        eta, left = (self.total_steps - self.step) * pace, self.budget.left_s()
+        return eta if left is None else min(eta, left)
 
     def _reset_meter(self) -> None:
         self.loss_sum = self.loss_count = 0.0
@@ -132,7 +134,8 @@ class Trainer:
     # ----- loop -------------------------------------------------------------------------
     def fit(self) -> None:
         t = self.cfg.train
-        self.t0, self.start_step = time.monotonic(), self.step
+        self.start_step = self.step
+        self.budget.start()
         if self.b.is_writer:
             m = unwrap(self.model)
             runlog.say(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
@@ -181,9 +184,7 @@ class Trainer:
             if t.log_every_steps and self.step % t.log_every_steps == 0 and self.b.is_writer:
                 self._progress()
             if t.max_minutes:  # ranks agree on the time, so on the LR and on when to stop
-                mean = self.b.all_reduce_sum([time.monotonic() - self.t0])[0] / self.b.world
-                self.synced_elapsed = mean
-                stop = mean > t.max_minutes * 60
+                stop = self.budget.sync(self.b.all_reduce_sum, self.b.world)
         return stop
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -240,7 +241,7 @@ class Trainer:
         if lost_on:  # every rank stops here; nothing of this evaluation is saved
             raise runlock.lost(self.cfg.run.name, lost or "seen by rank 0",
                                f", so it stopped at step {self.step}")
-        elapsed = self.elapsed_before + time.monotonic() - self.t0
+        elapsed = self.elapsed_before + self.budget.attempt_s()
         val_loss = vs / vc
         train_loss = ts / tc if tc else float("nan")
         train_bad = tc and not math.isfinite(train_loss)
@@ -267,7 +268,8 @@ class Trainer:
                         "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
                         "epoch_windows": self.epoch_step * self.cfg.train.batch_size * self.b.world,
                         "best_val_loss": best, "elapsed_s": elapsed, "history": history,
-                        "val_signature": self.val_signature}
+                        "val_signature": self.val_signature, "invocation": self.invocation,
+                        "invocation_elapsed_s": self.budget.used_s()}
                 checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt,
                                 self.sched)
             self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete

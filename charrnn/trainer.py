@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import uuid
 
 import numpy as np
 
@@ -60,7 +61,10 @@ def fit(cfg: Config) -> str:
     cfg, vocab, ids = prepare(cfg)
     ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)
     with runlock.run_lock(uri, cfg.run.name) as lease:
+        # `invocation`: Ray Train's restarts after a failure belong to this call, and share its
+        # `train.max_minutes` (the checkpoints say how much of it they used).
         loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": uri,
+                       "invocation": uuid.uuid4().hex,
                        "start_from": resume_point(uri, cfg.run.name, ray_mode), "lease": lease}
         if not ray_mode:
             runlog.say("local mode: training in this process (--workers N for Ray Train)")

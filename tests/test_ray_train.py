@@ -347,29 +347,45 @@ def test_a_diverged_loss_ends_a_ray_run_without_retries(ray_local, corpus_path, 
 
 
 def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
+    """Ray Train restarts the worker group from the latest checkpoint and the run finishes. The
+    restart belongs to the same job: it gets what is left of `train.max_minutes`, and the LR goes
+    on annealing (each restart got the whole limit again, and its LR went back up)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "log.txt", "w")
+    limit_s = 30
     proc = subprocess.Popen(
         [sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml", "--corpus",
          str(corpus_path), "--storage", str(tmp_path), "--name", "ft", "--workers", "2",
-         "--epochs", "4", "--set", "run.checkpoint_every_steps=20"],
+         "--epochs", "500", "--max-minutes", str(limit_s / 60), "--set",
+         "run.checkpoint_every_steps=20"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    run = tmp_path / "ft"
+
+    def trained_s() -> float:
+        try:
+            return json.loads((run / "metrics.json").read_text())[-1]["elapsed_s"]
+        except (OSError, ValueError, IndexError):
+            return 0.0
     try:
-        snapshot = tmp_path / "ft" / "checkpoint_manager_snapshot.json"
-        # Kill only once Ray Train has registered a checkpoint (its snapshot names one).
-        wait_for(lambda: snapshot.is_file() and "checkpoint_000000" in snapshot.read_text(),
-                 240, "a registered checkpoint")
+        snapshot = run / "checkpoint_manager_snapshot.json"
+        # Kill only once Ray Train has registered a checkpoint (its snapshot names one), a
+        # third of the way into the time limit.
+        wait_for(lambda: trained_s() > limit_s / 3 and snapshot.is_file()
+                 and "checkpoint_000" in snapshot.read_text(), 240, "a registered checkpoint")
         victim = wait_for(_ray_workers, 30, "a Ray Train worker")[-1]
         victim.send_signal(signal.SIGKILL)
         assert proc.wait(360) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     finally:
         proc.kill()
     out = (tmp_path / "log.txt").read_text()
-    assert "resuming run 'ft'" in out
-    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert "resuming run 'ft'" in out and "of this job's 0.5 train.max_minutes used)" in out
+    assert "stopping: train.max_minutes reached" in out and "winner: " in out
+    metrics = json.loads((run / "metrics.json").read_text())
     steps = [m["step"] for m in metrics]
-    assert steps == sorted(steps) and steps[-1] == 4 * 64  # finished, step count continued
-    assert "winner: " in out
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the step count continued
+    assert metrics[-1]["elapsed_s"] < limit_s + 6, metrics[-1]  # not the limit again
+    lrs = [m["lr"] for m in metrics]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(lrs, lrs[1:])), lrs  # annealing, never up
 
 
 def test_more_workers_than_this_machine_is_one_error_line(corpus_path, tmp_path):
