@@ -207,6 +207,11 @@ def resolve(uri: str) -> str:
     if runs:  # `--checkpoint runs`, the storage, for `runs/alice`, one of its runs
         raise CheckpointError(f"{uri} holds runs, not a checkpoint: give one of them, e.g. "
                               f"{storage.join(uri, runs[0])} (runs: {', '.join(runs[:10])})")
+    ckpts = [d for d in storage.subdirs(uri, limit=100_000) if d.startswith("checkpoint_")]
+    if ckpts:  # a run whose first winner is not written yet, or whose winner.json was deleted
+        raise CheckpointError(f"run {uri} has no {WINNER} yet: give one of its checkpoints, e.g. "
+                              f"{storage.join(uri, ckpts[-1])} (the latest; "
+                              f"{len(ckpts)} checkpoint(s))")
     raise CheckpointError(f"{uri} is neither a checkpoint directory (model.pt), a run directory "
                           f"({WINNER}) nor a winner manifest")
 

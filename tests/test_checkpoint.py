@@ -270,3 +270,11 @@ def test_the_storage_directory_names_its_runs(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"runs holds runs, not a checkpoint: give one of "
                                               r"them, e.g. .*runs/alice \(runs: alice, bob\)$"):
         checkpoint.load(str(runs))
+    # A run without winner.json (before its first one, or deleted) names its latest checkpoint.
+    run = tmp_path / "early"
+    for step in (120, 7, 64):
+        (run / checkpoint.dir_name(step)).mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"run .*early has no winner.json yet: give one of its "
+                                              r"checkpoints, e.g. .*early/checkpoint_00000120 \(the "
+                                              r"latest; 3 checkpoint\(s\)\)$"):
+        checkpoint.load(str(run))
