@@ -92,7 +92,8 @@ def changed_settings(old: Config, new: Config) -> list[str]:
     # Where the run lives is where its checkpoint was just found: a relative `./runs` saved by an
     # older version, or a copied run, is the same run, not a changed setting.
     a["run"].pop("storage"), b["run"].pop("storage")
-    a["data"]["corpus"] = corpus.absolute(a["data"]["corpus"])  # older versions kept it relative
+    for d in (a, b):  # older versions saved a relative path; symlinks resolve to one place
+        d["data"]["corpus"] = corpus.absolute(d["data"]["corpus"])
     return [f"{sec}.{k} {a[sec].get(k)!r} -> {v!r}" for sec in ("data", "train", "run", "scaling")
             for k, v in b[sec].items() if a[sec].get(k) != v]
 
