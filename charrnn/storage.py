@@ -275,20 +275,11 @@ def local_path(uri: str) -> Path | None:
     return Path(uri).expanduser().resolve()
 
 
-RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"  # where Ray unpacks a job's files
-
-
 def check_storage(uri: str) -> None:
     """Fail fast, before training, when the storage cannot be written: missing bucket, wrong
     credentials or an unreachable endpoint each get a one-line error instead of a hang."""
     if not is_s3(uri):
         p = local_path(uri)
-        if RAY_WORKING_DIR in p.as_posix():
-            raise StorageError(
-                f"storage {uri} ({p}) is inside the working directory that `ray job submit` "
-                "uploaded: Ray deletes it after the job, and a resubmission with changed files gets "
-                "another one, so the run could neither be kept nor resumed; use s3://bucket/prefix "
-                "or an absolute path on storage every node shares")
         if p.exists() and not p.is_dir():
             raise StorageError(f"storage {uri} is a file, not a directory")
         try:

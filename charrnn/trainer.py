@@ -22,7 +22,7 @@ from charrnn.cli import sigterm_as_sigint
 from charrnn.config import Config
 from charrnn.data import split_corpus
 from charrnn.dist import resume_point, stopped_error
-from charrnn.errors import CharrnnError, Interrupted, out_of_memory
+from charrnn.errors import CharrnnError, Interrupted, StorageError, out_of_memory
 from charrnn.train_loop import train_loop_per_worker
 from charrnn.vocab import Vocab
 
@@ -44,10 +44,26 @@ def prepare(cfg: Config) -> tuple[Config, Vocab, np.ndarray]:
     return cfg, vocab, ids
 
 
+RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"  # where Ray unpacks a job's files
+
+
+def check_storage(uri: str) -> None:
+    """Before training: storage that can be written (`storage.check_storage`: a clear error now
+    rather than a hang later), and not inside a submitted job's working directory."""
+    p = storage.local_path(uri)
+    if p is not None and RAY_WORKING_DIR in p.as_posix():
+        raise StorageError(
+            f"storage {uri} ({p}) is inside the working directory that `ray job submit` "
+            "uploaded: Ray deletes it after the job, and a resubmission with changed files gets "
+            "another one, so the run could neither be kept nor resumed; use s3://bucket/prefix "
+            "or an absolute path on storage every node shares")
+    storage.check_storage(uri)
+
+
 def fit(cfg: Config) -> str:
     """Train (or resume) the run named by `cfg.run`; returns the winner manifest's URI."""
     storage.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
-    storage.check_storage(cfg.run.storage)  # a clear error now rather than a hang later
+    check_storage(cfg.run.storage)
     # Workers must reach the same endpoint: it (not a secret) travels in the config. Credentials
     # never do; each process reads them from its own environment (Secret, IAM role, ~/.aws).
     # A local storage path becomes absolute: Ray Train workers do not run in this directory, and

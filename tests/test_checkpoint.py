@@ -128,10 +128,11 @@ def test_storage_inside_a_submitted_jobs_working_dir_is_refused(tmp_path, monkey
     job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
     job_dir.mkdir(parents=True)
     monkeypatch.chdir(job_dir)
+    from charrnn.trainer import check_storage
     with pytest.raises(StorageError, match="inside the working directory that `ray job submit`"):
-        storage.check_storage("./runs")
+        check_storage("./runs")
     assert not (job_dir / "runs").exists()
-    storage.check_storage(str(tmp_path / "runs"))  # anywhere else is fine
+    check_storage(str(tmp_path / "runs"))  # anywhere else is fine
 
 
 def test_s3_uris_without_a_bucket_are_one_line():
