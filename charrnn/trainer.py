@@ -93,23 +93,23 @@ def fit(cfg: Config) -> str:
     return winner
 
 
+def _worker_errors(e: Exception) -> list[tuple[int, BaseException]]:
+    """(rank, exception) of each failed worker of a `WorkerGroupError`, by rank. Ray 2.60 wraps a
+    worker's exception in `UserExceptionWithTraceback`; this unwraps it."""
+    return [(rank, getattr(err, "_base_exc", err))
+            for rank, err in sorted(getattr(e, "worker_failures", {}).items())]
+
+
 def _charrnn_failure(e: Exception) -> str | None:
     """`rank N: message` of the first worker whose failure is a CharrnnError, else None (a bug:
-    its traceback stays). Ray 2.60 wraps a worker's exception in `UserExceptionWithTraceback`."""
-    for rank, err in sorted(getattr(e, "worker_failures", {}).items()):
-        base = getattr(err, "_base_exc", err)
-        if isinstance(base, CharrnnError):
-            return f"rank {rank}: {base}"
-    return None
+    its traceback stays)."""
+    return next((f"rank {rank}: {base}" for rank, base in _worker_errors(e)
+                 if isinstance(base, CharrnnError)), None)
 
 
 def _oom_failure(e: Exception) -> BaseException | None:
     """The first worker's failure that is running out of memory (`errors.out_of_memory`)."""
-    for _, err in sorted(getattr(e, "worker_failures", {}).items()):
-        base = getattr(err, "_base_exc", err)
-        if out_of_memory(base) is not None:
-            return base
-    return None
+    return next((base for _, base in _worker_errors(e) if out_of_memory(base) is not None), None)
 
 
 def connect_ray() -> None:
