@@ -82,11 +82,11 @@ def plot_png(history: list[dict], run: str = "charrnn") -> bytes:
     return buf.getvalue()
 
 
-def write_record(run_uri: str, history: list[dict], plot: bool = True) -> None:
+def write_record(run_uri: str, history: list[dict], run_name: str, plot: bool = True) -> None:
     """Rewrite metrics (one row per evaluation) and, when `plot`, the loss curve."""
     storage.write_text(storage.join(run_uri, "metrics.json"), json.dumps(history, indent=1))
     storage.write_text(storage.join(run_uri, "metrics.csv"), to_csv(history))
     if plot and history:
-        name = run_uri.rstrip("/").rsplit("/", 1)[-1]
-        storage.write_bytes(storage.join(run_uri, "loss_curve.png"), plot_png(history, f"run {name!r}"))
+        storage.write_bytes(storage.join(run_uri, "loss_curve.png"),
+                            plot_png(history, f"run {run_name!r}"))
 

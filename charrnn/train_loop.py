@@ -281,8 +281,8 @@ class Trainer:
             if improved:
                 self._publish_winner()
             # The plot costs ~0.3 s: drawn at the end of a run (and when it stops early).
-            runlog.write_record(self.b.run_uri, self.history, plot=reason != "epoch" or
-                                self.epoch >= self.cfg.train.epochs)
+            runlog.write_record(self.b.run_uri, self.history, self.cfg.run.name,
+                                plot=reason != "epoch" or self.epoch >= self.cfg.train.epochs)
             eta = self._eta()
             runlog.say(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()))
         self._reset_meter()
