@@ -90,8 +90,8 @@ class Stepper:
 def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
     """Feed the prompts once (one packed batch, any lengths): -> logits after each prompt's
     last character (B, V) and the recurrent state (nn.LSTM's format). An empty prompt starts
-    from a newline, the most neutral context."""
-    texts = [p if p else "\n" for p in prompts]
+    from `vocab.start` (a newline where the vocabulary has one)."""
+    texts = [p or vocab.start for p in prompts]
     lengths = torch.tensor([len(t) for t in texts])
     x = torch.zeros(len(texts), int(lengths.max()), dtype=torch.long)
     for b, t in enumerate(texts):

@@ -33,6 +33,12 @@ class Vocab:
     def __eq__(self, other) -> bool:
         return isinstance(other, Vocab) and other.chars == self.chars
 
+    @property
+    def start(self) -> str:
+        """The character an empty prompt starts from: a newline, the most neutral context, or a
+        space, or the first character when the vocabulary has neither (`data.drop_chars`)."""
+        return next((c for c in "\n " if c in self.index), self.chars[0])
+
     def unknown(self, text: str) -> list[str]:
         """Distinct characters of `text` outside the vocabulary, in order of first appearance."""
         return list(dict.fromkeys(c for c in text if c not in self.index))

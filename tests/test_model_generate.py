@@ -159,3 +159,16 @@ def test_pick_device():
             pick_device(bad)
     with pytest.raises(ValueError, match="cuda:99"):
         pick_device("cuda:99")  # no GPU here, or fewer than 100
+
+
+def test_empty_prompt_starts_from_a_character_the_vocabulary_has():
+    """An empty prompt started from "\\n" and failed with "characters not in the model's
+    vocabulary: '\\n'" (which the user never typed) when `data.drop_chars` had dropped newlines;
+    it now starts from a newline, else a space, else the first character."""
+    assert VOCAB.start == "\n"
+    assert Vocab(" abc").start == " " and Vocab("xyz").start == "x"
+    for vocab in (Vocab(" abc"), Vocab("xyz")):
+        torch.manual_seed(0)
+        m = CharRNN(ModelConfig(vocab_size=len(vocab), embedding_dim=4, hidden_size=8)).eval()
+        out = generate(m, vocab, ["", "a" if "a" in vocab.index else "x"], SampleParams(10, seed=1))
+        assert len(out[0]) == 10 and not vocab.unknown(out[0])
