@@ -159,9 +159,14 @@ class Trainer:
             return
         except KeyboardInterrupt:
             if isinstance(self.b, LocalBackend):
-                self._evaluate("interrupted")
-                if self.history:  # the interrupt may have come between a save and its manifest
-                    self._publish_winner()
+                try:
+                    self._evaluate("interrupted")
+                    if self.history:  # the interrupt may have come between a save and its manifest
+                        self._publish_winner()
+                except KeyboardInterrupt:  # a second Ctrl-C: the save it cut left nothing half-written
+                    kept, again = self._kept()
+                    raise Interrupted(f"a second Ctrl-C cut the last save short. {kept}; "
+                                      f"{again}") from None
                 raise Interrupted() from None
             raise
         if self.b.is_writer and self.history:
@@ -288,14 +293,19 @@ class Trainer:
         self._reset_meter()
 
     def _diverged(self, which: str, value: float) -> TrainingDiverged:
-        t, last = self.cfg.train, (self.history[-1]["step"] if self.history else None)
-        kept, again = (("Nothing was saved", "run again") if last is None else
-                       (f"The run keeps what it saved up to step {last}",
-                        f"run again to resume from step {last}"))
+        t = self.cfg.train
+        kept, again = self._kept()
         return TrainingDiverged(
             f"training diverged: the {which} loss is {value} at step {self.step}. {kept}: lower "
             f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "
             f"train.precision=fp32, and {again}")
+
+    def _kept(self) -> tuple[str, str]:
+        """What a run that stops now keeps, and how to go on: for messages that end a run."""
+        if not self.history:
+            return "Nothing was saved", "run again"
+        last = self.history[-1]["step"]
+        return f"The run keeps what it saved up to step {last}", f"run again to resume from step {last}"
 
     def _publish_winner(self, final: bool = False) -> None:
         manifest = checkpoint.publish_winner(self.b.run_uri, self.history, self.cfg.run.name,

@@ -239,6 +239,51 @@ def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, mon
     assert (t.step, t.epoch, t.epoch_step, t.steps_per_epoch) == (40, 0, 20, 64)
 
 
+@pytest.mark.parametrize("where", ["save", "after"])
+def test_a_second_ctrl_c_during_the_last_save_says_what_was_kept(corpus_path, tmp_path,
+                                                                   monkeypatch, where):
+    """A second Ctrl-C while the first one's checkpoint was being saved (or its log line and plot
+    made) printed a bare `interrupted`; it now says which step the run resumes from, and that
+    step is what the rerun resumes from."""
+    from charrnn import runlog
+    real_step, real_save, real_record = Trainer._train_step, checkpoint.save, runlog.write_record
+
+    first = []
+
+    def interrupt_at_140(self, x, y):
+        if self.step == 140:
+            first.append(1)
+            raise KeyboardInterrupt
+        real_step(self, x, y)
+
+    def second(real):  # the second Ctrl-C: in the first one's save, or right after it
+        def fn(*args, **kwargs):
+            if first and where == "save":
+                raise KeyboardInterrupt
+            real(*args, **kwargs)
+            if first:
+                raise KeyboardInterrupt
+        return fn
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_140)
+    monkeypatch.setattr(checkpoint, "save", second(real_save) if where == "save" else real_save)
+    monkeypatch.setattr(runlog, "write_record", second(real_record) if where == "after" else real_record)
+    cfg = _cfg(corpus_path, tmp_path, "k", "train.epochs=2")
+    with pytest.raises(Interrupted) as e:
+        fit(cfg)
+    step = 127 if where == "save" else 140
+    assert str(e.value) == (f"a second Ctrl-C cut the last save short. The run keeps what it "
+                            f"saved up to step {step}; run again to resume from step {step}")
+    assert json.loads((tmp_path / "k" / "checkpoints.json").read_text())[-1]["step"] == step
+    assert json.loads((tmp_path / "k" / "winner.json").read_text())["step"] == step
+    assert not [p.name for p in (tmp_path / "k").iterdir() if ".tmp-" in p.name]
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(runlog, "write_record", real_record)
+    cfg, vocab, ids = prepare(cfg)
+    assert Trainer(cfg, vocab, ids, LocalBackend(str(tmp_path / "k"), 2)).step == step
+
+
 def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path):
     """`kill`, `docker stop`, a Kubernetes pod stopping: SIGTERM killed the process where it
     stood, losing what it had trained since its last checkpoint (up to an epoch)."""
