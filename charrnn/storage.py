@@ -177,7 +177,8 @@ def write_text(uri: str, text: str) -> None:
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy a local directory to `uri`. Locally the copy is renamed into place (all or nothing)."""
+    """Copy a local directory to `uri`, all or nothing where it is new. Locally the copy is renamed
+    into place, so it also replaces an existing directory all or nothing."""
     fs, path = resolve(uri)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
@@ -194,8 +195,15 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
-        else:
-            pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
+        else:  # S3 has no rename: a new checkpoint cut short (Ctrl-C, a lost connection) is removed
+            fresh = fs.get_file_info(path).type == pafs.FileType.NotFound
+            try:
+                pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
+            except BaseException:
+                if fresh:
+                    with contextlib.suppress(Exception):
+                        fs.delete_dir(path)
+                raise
     except OSError as e:
         raise _local_error(uri, e) from None
 

@@ -180,6 +180,36 @@ def test_interrupted_upload_never_moves_the_winner(s3, corpus_path, monkeypatch)
     assert checkpoint.read_winner("s3://charrnn/runs/cut/winner.json")["step"] == 254
 
 
+def test_an_s3_upload_cut_short_leaves_no_partial_checkpoint(s3, tmp_path, monkeypatch):
+    """Ctrl-C or a lost connection mid-upload left the files sent so far under the new
+    checkpoint's name, outside the run's index, where nothing would ever prune them."""
+    import pyarrow.fs as pafs
+    real, saved_dir = pafs.copy_files, tmp_path
+    for name in ("model.pt", "meta.json"):
+        (saved_dir / name).write_text(name)
+
+    def objects():
+        return [k for k in bucket_objects(s3, "charrnn")  # files; not pyarrow's folder markers
+                if k.startswith("cutshort/") and not k.endswith("/")]
+
+    def cut(src, dst, destination_filesystem):
+        destination_filesystem.create_dir(dst)
+        with destination_filesystem.open_output_stream(f"{dst}/model.pt") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pafs, "copy_files", cut)
+    with pytest.raises(KeyboardInterrupt):
+        storage.upload_dir(saved_dir, "s3://charrnn/cutshort/checkpoint_00000001")
+    assert objects() == []
+    monkeypatch.setattr(pafs, "copy_files", real)
+    storage.upload_dir(saved_dir, "s3://charrnn/cutshort/checkpoint_00000001")
+    monkeypatch.setattr(pafs, "copy_files", cut)
+    with pytest.raises(KeyboardInterrupt):  # replacing one: what was there is not deleted
+        storage.upload_dir(saved_dir, "s3://charrnn/cutshort/checkpoint_00000001")
+    assert objects() == ["cutshort/checkpoint_00000001/meta.json", "cutshort/checkpoint_00000001/model.pt"]
+
+
 def test_loading_from_s3_leaves_no_download_behind(s3, corpus_path, tmp_path, monkeypatch):
     """A Serve replica hot-swapping from S3, or a generate job, loads by URI again and again;
     each download used to stay in /tmp, the optimizer state (twice the model) included."""
