@@ -52,9 +52,9 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
     if source.startswith(("http://", "https://")):
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         return _cached_download(source, Path(cache_dir).expanduser() / "url" / f"{digest}.txt")
-    from charrnn import storage  # pyarrow: not needed for the download sources above
+    from charrnn import s3, storage  # pyarrow: not needed for the download sources above
     if storage.is_s3(source):
-        if not storage.s3_split(source)[1]:
+        if not s3.split(source)[1]:
             raise CorpusError(f"--corpus {source} names a bucket; give the text's object, "
                               "s3://bucket/key")
         return storage.read_bytes(source)

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from charrnn import runlog, storage
+from charrnn import runlog, s3, storage
 from charrnn.errors import CharrnnError, RunLockLost, StorageError
 
 LOCK = ".lock"
@@ -55,11 +55,11 @@ def lease_lost(uri: str, owner: str | None) -> str | None:
     if owner is None:
         return None
     import botocore.exceptions
-    bucket, key = storage.s3_split(storage.join(uri, LOCK))
+    bucket, key = s3.split(storage.join(uri, LOCK))
     try:
-        raw = storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        raw = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
-        if isinstance(e, botocore.exceptions.ClientError) and storage.s3_error_code(e) in NOT_FOUND:
+        if isinstance(e, botocore.exceptions.ClientError) and s3.error_code(e) in NOT_FOUND:
             return f"its lease {uri}/{LOCK} was removed"
         runlog.say(f"warning: cannot check the lease {uri}/{LOCK}: {e}")
         return None
@@ -92,7 +92,7 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
             lease = client.get_object(Bucket=bucket, Key=key)
             raw = lease["Body"].read()
         except botocore.exceptions.ClientError as e:
-            if storage.s3_error_code(e) in NOT_FOUND:
+            if s3.error_code(e) in NOT_FOUND:
                 continue
             raise
         holder = _holder(raw)
@@ -133,8 +133,8 @@ def _flock(local, uri: str, name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _s3_lease(uri: str, name: str) -> Iterator[str | None]:
     import botocore.exceptions
-    client = storage.s3_client()
-    bucket, key = storage.s3_split(storage.join(uri, LOCK))
+    client = s3.client()
+    bucket, key = s3.split(storage.join(uri, LOCK))
     me = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
     body = json.dumps({"owner": me, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
@@ -143,14 +143,14 @@ def _s3_lease(uri: str, name: str) -> Iterator[str | None]:
         try:
             return client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)["ETag"]
         except botocore.exceptions.ClientError as e:
-            if storage.s3_error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if s3.error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return None
             raise
 
     try:
         etag = _acquire(client, bucket, key, put, name, uri)
     except botocore.exceptions.ClientError as e:
-        code = storage.s3_error_code(e)
+        code = s3.error_code(e)
         if code not in UNSUPPORTED:
             raise StorageError(f"{uri}/{LOCK}: cannot take the run lock ({code}: "
                                f"{e.response.get('Error', {}).get('Message', '')})") from None

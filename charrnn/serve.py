@@ -26,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from charrnn import api, checkpoint, storage
+from charrnn import api, checkpoint, s3, storage
 from charrnn.api import HTTPError
 from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
@@ -284,7 +284,7 @@ def build_app(args: dict) -> serve.Application:
     deploy time with a clear message rather than in a crash-looping replica.
     """
     cfg = serve_config_from_args(args)
-    storage.configure()
+    s3.configure()
     local = storage.local_path(cfg.checkpoint)
     if local is not None:  # replicas need not share this process's working directory
         cfg = replace(cfg, checkpoint=str(local))

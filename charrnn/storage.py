@@ -1,100 +1,34 @@
 """Where runs live: a local directory or S3-compatible storage (AWS S3, MinIO, Ceph), via pyarrow.
 
-URIs are `s3://bucket/prefix` or local paths. The S3 endpoint and region come from the run config
-or the standard variables (AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL; AWS_REGION). Credentials
-are never passed around: pyarrow and boto3 read AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or
-~/.aws, or instance metadata) in whichever process touches storage, so they never enter a
-config, a checkpoint, a metric or a log.
+URIs are `s3://bucket/prefix` or local paths; every function here takes either. How this process
+reaches S3 (endpoint, region, credentials, bucket checks) is `s3.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import re
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from charrnn import s3
 from charrnn.errors import StorageError
-
-# Set once from the run config by the entry point; env variables are the fallback.
-_settings = {"endpoint_url": "", "region": ""}
-
-
-def configure(endpoint_url: str = "", region: str = "") -> None:
-    """Use this S3 endpoint/region for every later `s3://` access in this process."""
-    _settings.update(endpoint_url=endpoint_url, region=region)
 
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def s3_endpoint() -> str:
-    return (_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or "")
-
-
-def s3_region() -> str:
-    return (_settings["region"] or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-
-
-def s3_filesystem() -> pafs.S3FileSystem:
-    kwargs: dict = dict(
-        region=s3_region(),
-        connect_timeout=5, request_timeout=30,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-    )
-    endpoint = s3_endpoint()
-    if endpoint:
-        u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
-    return pafs.S3FileSystem(**kwargs)
-
-
-def s3_client():
-    """A boto3 S3 client on the configured endpoint, for what pyarrow does not offer: error codes
-    and conditional writes. A fresh session each time: no cached credentials."""
-    import boto3
-    import botocore.config
-    # Ray workers log at INFO: a fresh session would say "Found credentials in ..." each time.
-    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
-    return boto3.session.Session().client(
-        "s3", endpoint_url=s3_endpoint() or None, region_name=s3_region(),
-        config=botocore.config.Config(connect_timeout=5, read_timeout=10,
-                                      retries={"max_attempts": 2}))
-
-
-def s3_error_code(e) -> str:
-    """The S3 error code of a botocore ClientError ("" when it has none)."""
-    return e.response.get("Error", {}).get("Code", "")
-
-
-_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what S3 clients accept (AWS itself is stricter)
-
-
-def s3_split(uri: str) -> tuple[str, str]:
-    """`s3://bucket/some/key` -> ("bucket", "some/key"); a URI without a usable bucket is an error."""
-    bucket, _, key = uri[len("s3://"):].rstrip("/").partition("/")
-    if not _BUCKET.fullmatch(bucket):
-        raise StorageError(f"{uri}: an S3 URI needs a bucket name (letters, digits, '.', '-', '_') "
-                           "right after s3://, e.g. s3://bucket/prefix")
-    return bucket, key
-
-
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """URI -> (filesystem, path inside it): `s3://b/p` -> (S3, "b/p"); local -> absolute path."""
     if is_s3(uri):
-        bucket, key = s3_split(uri)
-        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
+        bucket, key = s3.split(uri)
+        return s3.filesystem(), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), str(local_path(uri))
 
 
@@ -107,7 +41,7 @@ def _wrap(uri: str, e: Exception) -> StorageError:
     if "AWS Error ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
         hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
     elif "NETWORK_CONNECTION" in msg or "Couldn't connect" in msg or "curlCode" in msg:
-        hint = f"is the endpoint {s3_endpoint() or '(AWS default)'} reachable? (AWS_ENDPOINT_URL)"
+        hint = f"is the endpoint {s3.endpoint() or '(AWS default)'} reachable? (AWS_ENDPOINT_URL)"
     elif "NoSuchBucket" in msg or "NO_SUCH_BUCKET" in msg:
         hint = "the bucket does not exist"
     else:
@@ -286,34 +220,16 @@ def local_path(uri: str) -> Path | None:
 def check_storage(uri: str) -> None:
     """Fail fast, before training, when the storage cannot be written: missing bucket, wrong
     credentials or an unreachable endpoint each get a one-line error instead of a hang."""
-    if not is_s3(uri):
-        p = local_path(uri)
-        if p.exists() and not p.is_dir():
-            raise StorageError(f"storage {uri} is a file, not a directory")
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            at = f" ({e.filename})" if e.filename and str(e.filename) != str(p) else ""
-            raise StorageError(f"cannot create storage directory {uri}: {e.strerror}{at}") from None
-        if not os.access(p, os.W_OK):
-            raise StorageError(f"storage directory {uri} is not writable")
+    if is_s3(uri):
+        s3.check_bucket(uri)
         return
-    import botocore.exceptions
-    bucket, _ = s3_split(uri)
-    client = s3_client()
+    p = local_path(uri)
+    if p.exists() and not p.is_dir():
+        raise StorageError(f"storage {uri} is a file, not a directory")
     try:
-        client.head_bucket(Bucket=bucket)
-    except botocore.exceptions.NoCredentialsError:
-        raise StorageError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
-                           "AWS_SECRET_ACCESS_KEY)") from None
-    except botocore.exceptions.EndpointConnectionError:
-        raise StorageError(f"{uri}: cannot reach the S3 endpoint {s3_endpoint() or '(AWS)'} "
-                           "(check AWS_ENDPOINT_URL / run.s3_endpoint_url)") from None
-    except botocore.exceptions.ClientError as e:
-        code = s3_error_code(e)
-        if code in ("404", "NoSuchBucket"):
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
-        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
-            raise StorageError(f"{uri}: access to bucket {bucket!r} denied ({code}); check "
-                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
-        raise StorageError(f"{uri}: S3 error {code}: {e}") from None
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        at = f" ({e.filename})" if e.filename and str(e.filename) != str(p) else ""
+        raise StorageError(f"cannot create storage directory {uri}: {e.strerror}{at}") from None
+    if not os.access(p, os.W_OK):
+        raise StorageError(f"storage directory {uri} is not writable")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint, optim, resume, runlock, runlog, storage
+from charrnn import checkpoint, optim, resume, runlock, runlog, s3, storage
 from charrnn.budget import TimeBudget
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
@@ -32,7 +32,7 @@ from charrnn.vocab import Vocab
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"])
-    storage.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
+    s3.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
     vocab = Vocab(loop_config["vocab"])
     ids = loop_config["ids"]
     if loop_config["mode"] == "ray":

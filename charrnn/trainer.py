@@ -16,7 +16,7 @@ import uuid
 
 import numpy as np
 
-from charrnn import corpus, runlock, runlog, storage
+from charrnn import corpus, runlock, runlog, s3, storage
 from charrnn.checkpoint import WINNER
 from charrnn.cli import sigterm_as_sigint
 from charrnn.config import Config
@@ -62,7 +62,7 @@ def check_storage(uri: str) -> None:
 
 def fit(cfg: Config) -> str:
     """Train (or resume) the run named by `cfg.run`; returns the winner manifest's URI."""
-    storage.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
+    s3.configure(cfg.run.s3_endpoint_url, cfg.run.s3_region)
     check_storage(cfg.run.storage)
     # Workers must reach the same endpoint: it (not a secret) travels in the config. Credentials
     # never do; each process reads them from its own environment (Secret, IAM role, ~/.aws).
@@ -72,7 +72,7 @@ def fit(cfg: Config) -> str:
     local = storage.local_path(cfg.run.storage)
     cfg = cfg.replace(run=dataclasses.replace(
         cfg.run, storage=str(local) if local else cfg.run.storage,
-        s3_endpoint_url=storage.s3_endpoint(), s3_region=storage.s3_region()),
+        s3_endpoint_url=s3.endpoint(), s3_region=s3.region()),
         data=dataclasses.replace(cfg.data, corpus=corpus.absolute(cfg.data.corpus)))
     cfg, vocab, ids = prepare(cfg)
     ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)

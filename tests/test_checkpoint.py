@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from charrnn import checkpoint, storage
+from charrnn import checkpoint, s3, storage
 from charrnn.config import Config, DataConfig
 from charrnn.corpus import load_text
 from charrnn.errors import CheckpointError, CorpusError, StorageError
@@ -136,8 +136,8 @@ def test_storage_inside_a_submitted_jobs_working_dir_is_refused(tmp_path, monkey
 
 
 def test_s3_uris_without_a_bucket_are_one_line():
-    assert storage.s3_split("s3://bucket/runs/alice/") == ("bucket", "runs/alice")
-    assert storage.s3_split("s3://bucket") == ("bucket", "")
+    assert s3.split("s3://bucket/runs/alice/") == ("bucket", "runs/alice")
+    assert s3.split("s3://bucket") == ("bucket", "")
     for uri in ("s3://", "s3:///runs", "s3://my bucket/runs"):
         with pytest.raises(StorageError, match="an S3 URI needs a bucket name"):
             storage.check_storage(uri)  # was botocore's ParamValidationError, a traceback

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from charrnn import checkpoint, storage
+from charrnn import s3 as s3_access  # `s3` is the moto_server fixture here
 from charrnn.config import load_config
 from charrnn.errors import CharrnnError, CheckpointError, StorageError
 from charrnn.trainer import fit, window_index_array
@@ -38,7 +39,7 @@ def s3():
     with moto_server() as env:
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        storage.configure()
+        s3_access.configure()
         s3_client(env).create_bucket(Bucket="charrnn")
         yield env
         for k, v in old.items():
@@ -139,12 +140,12 @@ def test_storage_errors_come_before_training(s3, tmp_path):
     finally:
         os.environ["AWS_SECRET_ACCESS_KEY"] = s3["AWS_SECRET_ACCESS_KEY"]
     t0 = time.monotonic()
-    storage.configure(endpoint_url="http://127.0.0.1:9")
+    s3_access.configure(endpoint_url="http://127.0.0.1:9")
     try:
         with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
             storage.check_storage("s3://charrnn/runs")
     finally:
-        storage.configure()
+        s3_access.configure()
     assert time.monotonic() - t0 < 60
 
 
@@ -262,7 +263,7 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
         s3_client(s3).delete_object(Bucket="charrnn", Key="runs/held/.lock")
         assert runlock.lease_lost(uri, owner) == f"its lease {uri}/.lock was removed"
     import botocore.exceptions  # a store without conditional PUTs: trained, with a warning
-    real = storage.s3_client
+    real = s3_access.client
 
     def unconditional():
         c = real()
@@ -275,7 +276,7 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
             return plain(**kw)
         c.put_object = put_object
         return c
-    monkeypatch.setattr(storage, "s3_client", unconditional)
+    monkeypatch.setattr(s3_access, "client", unconditional)
     capsys.readouterr()
     with runlock.run_lock(uri, "held") as owner:
         assert owner is None and runlock.lease_lost(uri, owner) is None
