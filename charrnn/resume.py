@@ -2,7 +2,8 @@
 
 `Trainer._restore` applies these, in this order: open the checkpoint, check it belongs to this
 run, restore weights, optimizer and RNG, then let the config's LR and weight decay win and map
-the epoch position to the current batch size and number of workers.
+the epoch position to the current batch size and number of workers. `kept` and `diverged` say,
+when a run stops early, which step it will resume from.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from charrnn import checkpoint, corpus, storage
 from charrnn.config import Config, TrainConfig
-from charrnn.errors import CheckpointError
+from charrnn.errors import CheckpointError, TrainingDiverged
 from charrnn.vocab import Vocab
 
 
@@ -123,3 +124,21 @@ def repoint_winner(run_uri: str, history: list[dict], run_name: str, model_summa
     was = ("was missing or unreadable" if named is None else f"named {named}, which this "
            "attempt did not resume with (the run stopped before it was recorded)")
     return f"{checkpoint.WINNER} {was}; it now names {best}"
+
+
+def kept(history: list[dict]) -> tuple[str, str]:
+    """What a run that stops now keeps, and how it goes on: for the messages that end a run."""
+    if not history:
+        return "Nothing was saved", "run again"
+    last = history[-1]["step"]
+    return f"The run keeps what it saved up to step {last}", f"run again to resume from step {last}"
+
+
+def diverged(which: str, value: float, step: int, history: list[dict],
+             t: TrainConfig) -> TrainingDiverged:
+    """The error that ends a run whose `which` ("training" or "validation") loss is not finite."""
+    saved, again = kept(history)
+    return TrainingDiverged(
+        f"training diverged: the {which} loss is {value} at step {step}. {saved}: lower "
+        f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "
+        f"train.precision=fp32, and {again}")

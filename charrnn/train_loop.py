@@ -164,7 +164,7 @@ class Trainer:
                     if self.history:  # the interrupt may have come between a save and its manifest
                         self._publish_winner()
                 except KeyboardInterrupt:  # a second Ctrl-C: the save it cut left nothing half-written
-                    kept, again = self._kept()
+                    kept, again = resume.kept(self.history)
                     raise Interrupted(f"a second Ctrl-C cut the last save short. {kept}; "
                                       f"{again}") from None
                 raise Interrupted() from None
@@ -208,7 +208,7 @@ class Trainer:
         if self.b.world == 1 and not math.isfinite(value):
             # One worker stops at once (its weights are never saved now). Several find out
             # together at the next evaluation (a NaN reaches every rank through the all-reduce).
-            raise self._diverged("training", value)
+            raise resume.diverged("training", value, self.step, self.history, self.cfg.train)
         self.loss_sum += value * y.numel()
         self.loss_count += y.numel()
         self.meter_chars += y.numel()
@@ -252,8 +252,8 @@ class Trainer:
         train_bad = tc and not math.isfinite(train_loss)
         if train_bad or not math.isfinite(val_loss):
             # Every rank sees the same sums: all stop here, and no checkpoint of it is saved.
-            raise (self._diverged("training", train_loss) if train_bad
-                   else self._diverged("validation", val_loss))
+            which, value = ("training", train_loss) if train_bad else ("validation", val_loss)
+            raise resume.diverged(which, value, self.step, self.history, self.cfg.train)
         metrics = {
             "epoch": self.epoch + self.epoch_step / self.steps_per_epoch,
             "step": self.step, "train_loss": train_loss, "val_loss": val_loss,
@@ -291,21 +291,6 @@ class Trainer:
             eta = self._eta()
             runlog.say(runlog.epoch_line(metrics, self.cfg.train.epochs, eta, self._sample()))
         self._reset_meter()
-
-    def _diverged(self, which: str, value: float) -> TrainingDiverged:
-        t = self.cfg.train
-        kept, again = self._kept()
-        return TrainingDiverged(
-            f"training diverged: the {which} loss is {value} at step {self.step}. {kept}: lower "
-            f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "
-            f"train.precision=fp32, and {again}")
-
-    def _kept(self) -> tuple[str, str]:
-        """What a run that stops now keeps, and how to go on: for messages that end a run."""
-        if not self.history:
-            return "Nothing was saved", "run again"
-        last = self.history[-1]["step"]
-        return f"The run keeps what it saved up to step {last}", f"run again to resume from step {last}"
 
     def _publish_winner(self, final: bool = False) -> None:
         manifest = checkpoint.publish_winner(self.b.run_uri, self.history, self.cfg.run.name,
