@@ -4,6 +4,9 @@ Pure FastAPI/pydantic: `serve.py` mounts `api` on its deployment and turns a che
 into engine rows. Every 4xx is `{"error": "<one line>"}`.
 """
 
+import logging
+import os
+import secrets
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -60,6 +63,28 @@ def _validation_message(e: ValidationError) -> str:
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{where}: {err['msg']}" if where else err["msg"])
     return "; ".join(parts)
+
+
+def api_token(env: str) -> bytes | None:
+    """The bearer token `/generate*` needs, from the variable `env`; None leaves them open (unset,
+    or set to blanks, which is logged). Surrounding whitespace is not part of it: a Secret made
+    from a file (`echo token > f`) ends in a newline that no client sends."""
+    token = os.environ.get(env, "").strip()
+    if not token and env in os.environ:
+        logging.getLogger("ray.serve").warning("%s is set but blank: /generate* needs no token", env)
+    return token.encode() if token else None
+
+
+def check_token(authorization: str, token: bytes | None) -> None:
+    """401 unless the `Authorization` header is `Bearer <token>` (the scheme in any case, RFC 7235).
+    Compared as bytes in constant time: header values arrive decoded as Latin-1, and
+    `secrets.compare_digest` refuses non-ASCII text (a 500 for `Bearer é`)."""
+    if token is None:
+        return
+    scheme, _, given = authorization.strip().partition(" ")
+    if not (scheme.lower() == "bearer" and secrets.compare_digest(
+            given.strip().encode("latin-1", "replace"), token)):
+        raise HTTPError(401, "missing or wrong bearer token")
 
 
 def check_size(nbytes: int, cfg: ServeConfig) -> None:

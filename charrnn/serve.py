@@ -13,8 +13,6 @@ keeps the model it started with, so in-flight requests finish on it.
 
 import asyncio
 import logging
-import os
-import secrets
 import threading
 import time
 from collections import Counter
@@ -71,7 +69,7 @@ class CharRNNServer:
         self.cfg = serve_config_from_args(config)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        self.token = os.environ.get(self.cfg.api_token_env) or None
+        self.token = api.api_token(self.cfg.api_token_env)
         self.device = pick_device(self.cfg.device)
         self.batch_sizes: Counter = Counter()
         self._lock = threading.Lock()
@@ -207,15 +205,8 @@ class CharRNNServer:
         return queue, list(parts.values())
 
     # ----- request handling -------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        if self.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        if not (header.startswith("Bearer ") and secrets.compare_digest(header[7:], self.token)):
-            raise HTTPError(401, "missing or wrong bearer token")
-
     async def _parse(self, request: Request) -> list[Row]:
-        self._auth(request)
+        api.check_token(request.headers.get("authorization", ""), self.token)
         api.check_size(int(request.headers.get("content-length") or 0), self.cfg)
         req, prompts, params = api.parse(await request.body(), self.cfg)
         gen = self.current  # read once: the request is prepared for, and runs on, this model

@@ -35,3 +35,26 @@ def test_bad_bodies_are_one_line_errors(body, status, match):
         parse(body, CFG)
     assert e.value.status == status
     assert e.value.message == e.value.message.strip() and re.search(match, e.value.message)
+
+
+def test_the_bearer_token_check(monkeypatch, caplog):
+    """`Bearer é` (any non-ASCII header) was a 500: `secrets.compare_digest` refuses non-ASCII
+    text. A token read from a Secret file kept its trailing newline and matched no client."""
+    from charrnn.api import api_token, check_token
+    monkeypatch.setenv("T", "s3cret\n")
+    token = api_token("T")
+    assert token == b"s3cret"
+    check_token("Bearer s3cret", token)
+    check_token("bearer  s3cret ", token)  # the scheme in any case (RFC 7235)
+    for header in ("", "Bearer", "Bearer nope", "Basic s3cret", "Bearer é", "Bearer s3crét",
+                   "s3cret"):
+        with pytest.raises(HTTPError) as e:
+            check_token(header, token)
+        assert (e.value.status, e.value.message) == (401, "missing or wrong bearer token")
+    monkeypatch.setenv("T", "tökén")  # a UTF-8 token: clients send its bytes, read as Latin-1
+    check_token("Bearer " + "tökén".encode().decode("latin-1"), api_token("T"))
+    check_token("anything", None)  # no token: open
+    monkeypatch.delenv("T")
+    assert api_token("T") is None and not caplog.records
+    monkeypatch.setenv("T", " ")
+    assert api_token("T") is None and "T is set but blank" in caplog.text

@@ -282,8 +282,9 @@ def test_bearer_token(serve_base, run_dir, monkeypatch):
     wait_for(lambda: _ok(serve_base + "/auth/healthz"), 120, "the auth app")
     url = serve_base + "/auth/generate"
     assert requests.post(url, json={"prompt": "a"}).status_code == 401
-    bad = {"Authorization": "Bearer nope"}
-    assert requests.post(url, json={"prompt": "a"}, headers=bad).status_code == 401
+    for bad in ("Bearer nope", "Bearer é", "Bearer s3cret-tokén"):  # non-ASCII was a 500
+        r = requests.post(url, json={"prompt": "a"}, headers={"Authorization": bad})
+        assert (r.status_code, r.json()) == (401, {"error": "missing or wrong bearer token"})
     good = {"Authorization": "Bearer s3cret-token"}
     assert requests.post(url, json={"prompt": "a", "max_chars": 3}, headers=good).status_code == 200
     assert requests.get(serve_base + "/auth/healthz").status_code == 200  # health stays open
