@@ -39,7 +39,10 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
         u = None
     if u is None or u.scheme not in ("http", "https") or not u.netloc:
         raise CharrnnError(f"--serve-url must be http(s)://HOST:PORT, got {url!r}")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # As the server reads its own (`api.api_token`): stripped, UTF-8 (requests would send text
+    # as Latin-1, and fail on anything outside it).
+    token = (token or "").strip()
+    headers = {"Authorization": b"Bearer " + token.encode()} if token else {}
     session = requests.Session()
 
     def post(body: dict) -> requests.Response:

@@ -20,6 +20,7 @@ def server(monkeypatch):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             srv.bodies.append(body)
+            srv.auth.append(self.headers.get("authorization"))  # as decoded: Latin-1
             status = srv.statuses.pop(0) if srv.statuses else 200
             data = ({"completions": [body["prompt"].upper()], "model": {"run": "r"}}
                     if status == 200 else {"error": "busy"})
@@ -34,7 +35,7 @@ def server(monkeypatch):
             pass
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.statuses, srv.bodies = [], []
+    srv.statuses, srv.bodies, srv.auth = [], [], []
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv
@@ -71,3 +72,16 @@ def test_a_server_that_is_not_charrnn_is_one_line(server, monkeypatch):
     monkeypatch.setattr(client.requests.Response, "json", lambda self: {"hello": "world"})
     with pytest.raises(CharrnnError, match="answered 200 without completions"):
         client.generate_remote(server.url, ["abc"], SampleParams(5))
+
+
+def test_the_token_is_sent_as_utf_8_without_surrounding_whitespace(server):
+    """A token with a character outside Latin-1 raised UnicodeEncodeError from a worker thread
+    (a traceback), and one read from a file with its newline was "no answer from URL: Invalid
+    leading whitespace..." though the server was never asked. The server strips and compares
+    UTF-8 bytes the same way (`api.api_token`, `api.check_token`)."""
+    for token in ("s3cret", "s3cret\n", " tök€n "):
+        client.generate_remote(server.url, ["abc"], SampleParams(5), token=token)
+    assert server.auth == ["Bearer s3cret", "Bearer s3cret",
+                           "Bearer " + "tök€n".encode().decode("latin-1")]
+    client.generate_remote(server.url, ["abc"], SampleParams(5), token=" ")
+    assert server.auth[-1] is None
