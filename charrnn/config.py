@@ -166,6 +166,10 @@ class Config:
         want(self.train, "train.eval_max_chars", self.train.eval_max_chars == 0 or
              self.train.eval_max_chars >= self.data.seq_len,
              f"0 (all) or at least data.seq_len ({self.data.seq_len})")
+        # Ray Train tags its metrics with the run name, and Ray's tags are ASCII: 'élan' failed
+        # inside Ray's controller, with a traceback, after the cluster had started.
+        want(self.run, "run.name", self.scaling.workers == 0 or self.run.name.isascii(),
+             "ASCII to train with Ray Train workers (--workers N), which tag their metrics with it")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,8 +61,17 @@ def test_bad_overrides_are_errors(override, match):
 
 
 def test_ordinary_run_names_are_accepted():
-    for name in ("alice", "alice-2026.11.29_v2", "A", "..a", "my run"):
-        assert load_config(None, [f"run.name={name}"]).run.name == name
+    for name in ("alice", "alice-2026.11.29_v2", "A", "..a", "my run", "x y:z*?"):
+        assert load_config(None, [f"run.name={name}", "scaling.workers=2"]).run.name == name
+    assert load_config(None, ["run.name=élan"]).run.name == "élan"  # local mode
+
+
+def test_a_ray_run_name_must_be_ascii():
+    """Ray Train tags its metrics with the run name and Ray's tags are ASCII: `--workers 1
+    --name élan` failed inside Ray's controller with a traceback (UnicodeEncodeError)."""
+    with pytest.raises(ConfigError, match=r"run.name must be ASCII to train with Ray Train "
+                                          r"workers \(--workers N\).*got 'élan'"):
+        load_config(None, ["run.name=élan", "scaling.workers=1"])
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):
