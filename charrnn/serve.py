@@ -13,6 +13,7 @@ keeps the model it started with, so in-flight requests finish on it.
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -116,7 +117,10 @@ class CharRNNServer:
             self._swap_if_new(uri)
             self.load_error = None
         except Exception as e:
-            self.load_error = f"{uri}: {e}"
+            where = (f" (a relative path, read in the replica's directory {os.getcwd()}: give an "
+                     "absolute path or an s3:// URI)" if "://" not in uri and not
+                     os.path.isabs(os.path.expanduser(uri)) else "")
+            self.load_error = f"{uri}: {e}{where}"
             log.warning("keeping %s: %s", self.current.info["checkpoint"], self.load_error)
 
     @property
@@ -133,11 +137,17 @@ class CharRNNServer:
         uploading). Other keys (a misspelled `checkpoint`) are ignored and named there too."""
         user_config = user_config or {}
         unknown = sorted(map(str, set(user_config) - {"checkpoint"}))
-        self.config_note = (f"user_config: unknown key {', '.join(map(repr, unknown))} ignored "
-                            "(its one key is 'checkpoint')") if unknown else None
+        notes = [f"user_config: unknown key {', '.join(map(repr, unknown))} ignored (its one key "
+                 "is 'checkpoint')"] if unknown else []
+        uri = user_config.get("checkpoint")
+        if uri is None or isinstance(uri, str):
+            self.source = uri or self.cfg.checkpoint
+        else:  # `checkpoint: 5`, a list: not a URI; the replica keeps following what it followed
+            notes.append(f"user_config: checkpoint must be a URI (a winner.json, run or "
+                         f"checkpoint directory), got {uri!r}; still following {self.source}")
+        self.config_note = "; ".join(notes) or None
         if self.config_note:
             log.warning(self.config_note)
-        self.source = user_config.get("checkpoint") or self.cfg.checkpoint
         self._follow(self.source)
 
     def check_health(self) -> None:
