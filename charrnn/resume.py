@@ -126,18 +126,18 @@ def repoint_winner(run_uri: str, history: list[dict], run_name: str, model_summa
     return f"{checkpoint.WINNER} {was}; it now names {best}"
 
 
-def kept(history: list[dict]) -> tuple[str, str]:
-    """What a run that stops now keeps, and how it goes on: for the messages that end a run."""
-    if not history:
+def kept(last: int | None) -> tuple[str, str]:
+    """What a run that stops now keeps, given the step of its latest checkpoint (None: none), and
+    how it goes on: for the messages that end a run."""
+    if last is None:
         return "Nothing was saved", "run again"
-    last = history[-1]["step"]
     return f"The run keeps what it saved up to step {last}", f"run again to resume from step {last}"
 
 
 def diverged(which: str, value: float, step: int, history: list[dict],
              t: TrainConfig) -> TrainingDiverged:
     """The error that ends a run whose `which` ("training" or "validation") loss is not finite."""
-    saved, again = kept(history)
+    saved, again = kept(history[-1]["step"] if history else None)
     return TrainingDiverged(
         f"training diverged: the {which} loss is {value} at step {step}. {saved}: lower "
         f"train.lr (now {t.lr:g}), keep train.grad_clip > 0 (now {t.grad_clip:g}) or use "

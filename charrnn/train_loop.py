@@ -163,9 +163,11 @@ class Trainer:
                     self._evaluate("interrupted")
                     if self.history:  # the interrupt may have come between a save and its manifest
                         self._publish_winner()
-                except KeyboardInterrupt:  # a second Ctrl-C: the save it cut left nothing half-written
-                    kept, again = resume.kept(self.history)
-                    raise Interrupted(f"a second Ctrl-C cut the last save short. {kept}; "
+                except KeyboardInterrupt:  # a second Ctrl-C: a save it cut left nothing half-written
+                    # The keeper's index, not the history: the cut may fall between the two.
+                    entries = self.b.entries
+                    kept, again = resume.kept(entries[-1]["step"] if entries else None)
+                    raise Interrupted(f"a second Ctrl-C ended the shutdown early. {kept}; "
                                       f"{again}") from None
                 raise Interrupted() from None
             raise

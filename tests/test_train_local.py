@@ -239,7 +239,7 @@ def test_ctrl_c_saves_and_the_rerun_resumes_mid_epoch(corpus_path, tmp_path, mon
     assert (t.step, t.epoch, t.epoch_step, t.steps_per_epoch) == (40, 0, 20, 64)
 
 
-@pytest.mark.parametrize("where", ["save", "after"])
+@pytest.mark.parametrize("where", ["save", "index", "after"])
 def test_a_second_ctrl_c_during_the_last_save_says_what_was_kept(corpus_path, tmp_path,
                                                                    monkeypatch, where):
     """A second Ctrl-C while the first one's checkpoint was being saved (or its log line and plot
@@ -265,23 +265,30 @@ def test_a_second_ctrl_c_during_the_last_save_says_what_was_kept(corpus_path, tm
                 raise KeyboardInterrupt
         return fn
 
+    real_report = LocalBackend.report
     monkeypatch.setattr(Trainer, "_train_step", interrupt_at_140)
     monkeypatch.setattr(checkpoint, "save", second(real_save) if where == "save" else real_save)
+    # "index": right after the keeper indexed the checkpoint, before the history records it
+    monkeypatch.setattr(LocalBackend, "report", second(real_report) if where == "index" else real_report)
     monkeypatch.setattr(runlog, "write_record", second(real_record) if where == "after" else real_record)
     cfg = _cfg(corpus_path, tmp_path, "k", "train.epochs=2")
     with pytest.raises(Interrupted) as e:
         fit(cfg)
     step = 127 if where == "save" else 140
-    assert str(e.value) == (f"a second Ctrl-C cut the last save short. The run keeps what it "
+    assert str(e.value) == (f"a second Ctrl-C ended the shutdown early. The run keeps what it "
                             f"saved up to step {step}; run again to resume from step {step}")
     assert json.loads((tmp_path / "k" / "checkpoints.json").read_text())[-1]["step"] == step
-    assert json.loads((tmp_path / "k" / "winner.json").read_text())["step"] == step
+    # "index": the cut came before the winner moved; the rerun moves it (`resume.repoint_winner`)
+    winner = 127 if where in ("save", "index") else 140
+    assert json.loads((tmp_path / "k" / "winner.json").read_text())["step"] == winner
     assert not [p.name for p in (tmp_path / "k").iterdir() if ".tmp-" in p.name]
     monkeypatch.setattr(Trainer, "_train_step", real_step)
     monkeypatch.setattr(checkpoint, "save", real_save)
     monkeypatch.setattr(runlog, "write_record", real_record)
+    monkeypatch.setattr(LocalBackend, "report", real_report)
     cfg, vocab, ids = prepare(cfg)
     assert Trainer(cfg, vocab, ids, LocalBackend(str(tmp_path / "k"), 2)).step == step
+    assert json.loads((tmp_path / "k" / "winner.json").read_text())["step"] == step
 
 
 def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path):
