@@ -94,6 +94,18 @@ def check_size(nbytes: int, cfg: ServeConfig) -> None:
         raise HTTPError(413, f"request body larger than {cfg.max_body_bytes} bytes")
 
 
+async def read_body(request: Request, cfg: ServeConfig) -> bytes:
+    """The request body, read no further than `max_body_bytes` (413 beyond). `request.body()`
+    held a body sent without Content-Length (chunked) whole before its size was checked: 2 GB
+    of it took a replica from 0.4 to 5.7 GB of memory."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        check_size(size, cfg)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse(body: bytes, cfg: ServeConfig) -> tuple[GenerateRequest, list[str], SampleParams]:
     """A request body -> the request, its prompts and its decoding settings, within the
     deployment's limits; else an `HTTPError` (400 for malformed JSON, 413, 422)."""

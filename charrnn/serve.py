@@ -218,7 +218,7 @@ class CharRNNServer:
     async def _parse(self, request: Request) -> list[Row]:
         api.check_token(request.headers.get("authorization", ""), self.token)
         api.check_size(int(request.headers.get("content-length") or 0), self.cfg)
-        req, prompts, params = api.parse(await request.body(), self.cfg)
+        req, prompts, params = api.parse(await api.read_body(request, self.cfg), self.cfg)
         gen = self.current  # read once: the request is prepared for, and runs on, this model
         try:
             clean = gen.prepare(prompts, req.oov)

@@ -133,6 +133,8 @@ def test_streaming(app):
     (b'{"prompt": "a", "temperature": Infinity}', 422, "temperature must be a finite number"),
     (json.dumps({"prompts": ["a"] * 9}).encode(), 422, "at most 8"),
     (json.dumps({"prompt": "a" * 5000}).encode(), 413, "larger than 4096"),
+    # chunked, without Content-Length: read no further than the limit (api.read_body)
+    (iter([b'{"prompt": "', b"a" * 3000, b"a" * 3000, b'"}']), 413, "larger than 4096"),
 ])
 def test_bad_input_is_4xx_with_a_message(app, body, status, match):
     r = requests.post(app + "/generate", data=body, timeout=30,
