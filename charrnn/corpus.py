@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,7 @@ from charrnn.vocab import rare_chars
 GUTENBERG_URL = os.environ.get(
     "CHARRNN_GUTENBERG_URL", "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt")
 DOWNLOAD_TIMEOUT_S = 30
+PROGRESS_EVERY_S = 5.0  # a download longer than this logs how far it has got
 
 _START = re.compile(r"^\ufeff?\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
 _END = re.compile(r"^\ufeff?\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
@@ -80,15 +83,17 @@ def _cached_download(url: str, cache: Path) -> bytes:
     runlog.say(f"downloading {url} (cached as {cache})")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-            data = r.read()
+            data = _read(r, runlog)
     except urllib.error.HTTPError as e:  # the server answered: being offline is not the cause
         hint = (" (is the book id right?)" if cache.parent.name == "gutenberg" else "")
         raise CorpusError(f"cannot download {url}: HTTP {e.code} {e.reason}{hint}; pass --corpus "
                           "PATH to use a local copy of the text") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise CorpusError(f"cannot download {url} ({reason}); if this machine is offline, "
-                          "pass --corpus PATH to a local copy of the text") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        # HTTPException: a server that closed early (it was a traceback, or a short text trained on)
+        way = ("run again to retry, or" if isinstance(e, http.client.HTTPException)
+               else "if this machine is offline,")
+        raise CorpusError(f"cannot download {url} ({getattr(e, 'reason', e)}); {way} pass "
+                          "--corpus PATH to a local copy of the text") from None
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +105,34 @@ def _cached_download(url: str, cache: Path) -> bytes:
         runlog.say(f"warning: cannot cache the download in {cache.parent} ({e.strerror}); "
                    "set data.cache_dir to reuse it")
     return data
+
+
+class _Cut(http.client.HTTPException):
+    def __str__(self) -> str:
+        got, total = self.args
+        return f"the connection closed after {got:,} of {total:,} bytes"
+
+
+def _read(r, runlog) -> bytes:
+    """The response body in 1 MiB reads, with a progress line every PROGRESS_EVERY_S."""
+    total = int(r.headers.get("Content-Length") or 0)
+    chunks, got, said = [], 0, time.monotonic()
+    while True:
+        try:
+            chunk = r.read(1 << 20)
+        except http.client.IncompleteRead as e:
+            raise _Cut(got + len(e.partial), total) from None
+        if not chunk:
+            if got < total:  # `read(n)` ends quietly where the server closed early
+                raise _Cut(got, total)
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+        if time.monotonic() - said >= PROGRESS_EVERY_S:
+            runlog.say(f"  downloaded {got / 2**20:,.1f} MiB"
+                       + (f" of {total / 2**20:,.1f} MiB" if total else ""))
+            said = time.monotonic()
+    return b"".join(chunks)
 
 
 def decode(data: bytes, source: str, errors: str = "strict") -> str:

@@ -122,3 +122,31 @@ def test_a_cache_that_cannot_be_written_costs_only_the_reuse(tmp_path, http_serv
     out = capsys.readouterr().out
     assert "downloading " + base in out and "warning: cannot cache the download" in out
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_download_cut_short_is_one_line_and_not_cached(tmp_path, capsys, monkeypatch):
+    """A server that closes before its Content-Length: `read()` raised IncompleteRead (a
+    traceback); reading in chunks would have returned the short text, cached and trained on."""
+    import socket
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for _ in range(2):
+            c, _ = srv.accept()
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"alice was here\n" * 100)
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/book.txt"
+    cfg = DataConfig(corpus=url, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CorpusError, match=r"cannot download .*/book.txt \(the connection closed "
+                                          r"after 1,500 of 100,000 bytes\); run again to retry, "
+                                          r"or pass --corpus PATH"):
+        corpus.load_text(cfg)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.txt"))
+    monkeypatch.setattr(corpus, "PROGRESS_EVERY_S", 0.0)  # and long downloads say how far they got
+    with pytest.raises(CorpusError):
+        corpus.load_text(cfg)
+    assert "  downloaded 0.0 MiB of 0.1 MiB" in capsys.readouterr().out
+    srv.close()
