@@ -41,7 +41,15 @@ def absolute(source: str) -> str:
         path = storage.local_path(source)
     except StorageError:
         return source  # `fetch_bytes` says what is wrong with it
-    return str(path) if path is not None and source else source
+    if path is None or not source:
+        return source
+    return str(path) if path.exists() else _unresolved(source)
+
+
+def _unresolved(source: str) -> str:
+    """A local path made absolute without following links: `<(zcat book.gz)` is /dev/fd/63, a
+    link to `pipe:[...]`, a name that does not exist."""
+    return os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
 
 
 def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
@@ -68,8 +76,10 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
                           "an http(s):// URL or gutenberg:<id>") from None
     if path.is_dir():
         raise CorpusError(f"--corpus {source} is a directory; give the text file inside it")
-    if not path.is_file():
-        raise CorpusError(f"corpus file not found: {source}")
+    if not path.exists():  # a pipe is read too: `--corpus <(zcat book.txt.gz)`
+        path = Path(_unresolved(source))
+        if not path.exists():
+            raise CorpusError(f"corpus file not found: {source}")
     try:
         return path.read_bytes()
     except OSError as e:

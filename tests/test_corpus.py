@@ -150,3 +150,27 @@ def test_a_download_cut_short_is_one_line_and_not_cached(tmp_path, capsys, monke
         corpus.load_text(cfg)
     assert "  downloaded 0.0 MiB of 0.1 MiB" in capsys.readouterr().out
     srv.close()
+
+
+def test_a_pipe_is_read_and_dev_null_is_empty_not_missing(tmp_path):
+    """`--corpus <(zcat book.txt.gz)` (a pipe) and `/dev/null` said "corpus file not found"."""
+    import os
+    fifo = tmp_path / "book.fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as f:
+            f.write(b"Alice was here.\r\n")
+
+    threading.Thread(target=write, daemon=True).start()
+    assert corpus.load_text(DataConfig(corpus=str(fifo))) == "alice was here.\n"
+    r, w = os.pipe()  # as bash's <(...) gives it: /dev/fd/N, a link to a name that is no file
+    os.write(w, b"Alice, again.\n")
+    os.close(w)
+    try:
+        assert corpus.absolute(f"/dev/fd/{r}") == f"/dev/fd/{r}"
+        assert corpus.load_text(DataConfig(corpus=f"/dev/fd/{r}")) == "alice, again.\n"
+    finally:
+        os.close(r)
+    with pytest.raises(CorpusError, match="empty"):
+        corpus.load_text(DataConfig(corpus="/dev/null"))
