@@ -34,22 +34,24 @@ _END = re.compile(r"^\ufeff?\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$
 def absolute(source: str) -> str:
     """A local corpus path made absolute (saved so in checkpoints, whose `--random-prompt` then
     finds the text from any directory); other sources and unsupported schemes as given."""
-    if source.startswith(("gutenberg:", "http://", "https://")):
+    if not source or source.startswith(("gutenberg:", "http://", "https://")):
         return source
-    from charrnn import storage
     try:
-        path = storage.local_path(source)
+        path = _local_path(source)
     except StorageError:
         return source  # `fetch_bytes` says what is wrong with it
-    if path is None or not source:
-        return source
-    return str(path) if path.exists() else _unresolved(source)
+    return source if path is None else str(path)
 
 
-def _unresolved(source: str) -> str:
-    """A local path made absolute without following links: `<(zcat book.gz)` is /dev/fd/63, a
-    link to `pipe:[...]`, a name that does not exist."""
-    return os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+def _local_path(source: str) -> Path | None:
+    """A local corpus path made absolute (None for S3; another scheme raises StorageError). Links
+    are followed where they lead to a file, and only there: `<(zcat book.gz)` is /dev/fd/63, a
+    link to `pipe:[...]`, a name that does not exist, and is read as /dev/fd/63."""
+    from charrnn import storage
+    path = storage.local_path(source)
+    if path is None or path.exists():
+        return path
+    return Path(os.path.abspath(os.path.expanduser(source.removeprefix("file://"))))
 
 
 def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
@@ -70,16 +72,14 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
                               "s3://bucket/key")
         return storage.read_bytes(source)
     try:
-        path = storage.local_path(source)  # `file://` is local; another scheme is refused
+        path = _local_path(source)  # `file://` is local; another scheme is refused
     except StorageError:
         raise CorpusError(f"--corpus {source}: unsupported scheme; use a local path, s3://bucket/key, "
                           "an http(s):// URL or gutenberg:<id>") from None
     if path.is_dir():
         raise CorpusError(f"--corpus {source} is a directory; give the text file inside it")
     if not path.exists():  # a pipe is read too: `--corpus <(zcat book.txt.gz)`
-        path = Path(_unresolved(source))
-        if not path.exists():
-            raise CorpusError(f"corpus file not found: {source}")
+        raise CorpusError(f"corpus file not found: {source}")
     try:
         return path.read_bytes()
     except OSError as e:
