@@ -93,7 +93,7 @@ def _cached_download(url: str, cache: Path) -> bytes:
     runlog.say(f"downloading {url} (cached as {cache})")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-            data = _read(r, runlog)
+            data = _read(r)
     except urllib.error.HTTPError as e:  # the server answered: being offline is not the cause
         hint = (" (is the book id right?)" if cache.parent.name == "gutenberg" else "")
         raise CorpusError(f"cannot download {url}: HTTP {e.code} {e.reason}{hint}; pass --corpus "
@@ -123,8 +123,9 @@ class _Cut(http.client.HTTPException):
         return f"the connection closed after {got:,} of {total:,} bytes"
 
 
-def _read(r, runlog) -> bytes:
+def _read(r) -> bytes:
     """The response body in 1 MiB reads, with a progress line every PROGRESS_EVERY_S."""
+    from charrnn import runlog
     total = int(r.headers.get("Content-Length") or 0)
     chunks, got, said = [], 0, time.monotonic()
     while True:
