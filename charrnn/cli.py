@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
+from charrnn import runlog
 from charrnn.errors import CharrnnError, Interrupted, out_of_memory
 
 
@@ -50,7 +51,8 @@ def sigterm_as_sigint() -> Iterator[None]:
 
 def run_cli(main: Callable[[], int], oom_hint: str = "smaller inputs") -> int:
     """Run `main`: status 2 and one line for a user error, 1 and one line ending in `oom_hint`
-    (what to lower) when memory runs out, 130 for Ctrl-C, 143 for SIGTERM."""
+    (what to lower) when memory runs out, 130 for Ctrl-C, 143 for SIGTERM, 141 when the reader of
+    stdout went away."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -66,6 +68,11 @@ def run_cli(main: Callable[[], int], oom_hint: str = "smaller inputs") -> int:
         print(f"error: out of memory: could not allocate {size}; ask for less ({oom_hint})",
               file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # stdout's reader exited (`generate.py ... | head`): stop quietly with the status of a
+        # process that SIGPIPE ended, as other command-line tools do.
+        runlog.discard_stdout()
+        return 141
     except (Interrupted, KeyboardInterrupt) as e:  # Interrupted: its message says what was kept
         print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
         return 143 if _got_sigterm.is_set() else 130

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 
 from charrnn import storage
@@ -23,8 +24,33 @@ def say(line: str) -> None:
     """One log line for the person watching, flushed. Written to stdout rather than printed:
     in a Ray Train 2.60 worker `print` is patched to go both to the root logger's console
     handler and to Ray's wrapped stdout, so every printed line reached the driver twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`, a `tee` that died). A run does not stop for it: what it
+        # logs is also in metrics.csv, and Ctrl-C still saves and stops it.
+        discard_stdout()
+        _note("stdout was closed by its reader; the run goes on without printing "
+              "(metrics.csv and metrics.json in the run directory keep its record)")
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null once its pipe is broken, so later writes (and Python's flush at
+    exit, which would report the broken pipe again) cost nothing and raise nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _note(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except OSError:  # stderr went with stdout (`2>&1 | head`)
+        pass
 
 
 def bpc(nats: float) -> float:

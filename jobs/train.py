@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     flags = [f"{key}={getattr(args, attr)}" for attr, key in FLAG_KEYS.items()
              if getattr(args, attr) is not None]
     cfg = load_config(args.config, [*flags, *args.overrides])
+    from charrnn import runlog
     from charrnn.trainer import fit
     winner = fit(cfg)
-    print(f"winner: {winner}", flush=True)
+    runlog.say(f"winner: {winner}")  # as the run's other lines: a closed stdout does not fail it
     return 0
 
 

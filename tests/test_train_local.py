@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -656,3 +657,32 @@ def test_a_relative_corpus_path_is_saved_absolute(corpus_path, tmp_path, monkeyp
     fit(_cfg(saved["data"]["corpus"], tmp_path, "rel", "train.epochs=2"))
     out = capsys.readouterr().out
     assert "changed since that checkpoint: train.epochs 1 -> 2\n" in out  # not data.corpus
+
+
+def test_a_closed_stdout_ends_generation_quietly_and_training_goes_on(tiny_run, corpus_path,
+                                                                      tmp_path):
+    """`generate.py ... | head` ended in a BrokenPipeError traceback, and `train.py ... | head`
+    (or a `tee` that died) killed the run at its next log line, losing what it had trained."""
+    import subprocess
+    storage, name, _ = tiny_run
+
+    def closed_after_one_line(script, *args):
+        p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            p.stdout.readline()
+            p.stdout.close()
+            err = p.stderr.read().decode()
+            return p.wait(timeout=120), err
+        finally:
+            p.kill()
+
+    # 200,000 characters in one write: more than a pipe holds, so the write meets the closed end.
+    rc, err = closed_after_one_line("generate.py", "--checkpoint", str(storage / name),
+                                    "--prompt", "alice", "--max-chars", "200000", "--seed", "1")
+    assert (rc, err) == (141, "")
+    rc, err = closed_after_one_line("train.py", "--config", "configs/tiny.yaml", "--corpus",
+                                    str(corpus_path), "--storage", str(tmp_path), "--name", "cut")
+    assert rc == 0 and "Traceback" not in err, err
+    assert "stdout was closed by its reader; the run goes on" in err
+    assert json.loads((tmp_path / "cut" / "winner.json").read_text())["step"] == 254  # 2 epochs
