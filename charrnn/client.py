@@ -7,7 +7,9 @@ server's batcher can gather them into shared generation batches.
 from __future__ import annotations
 
 import re
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -19,6 +21,7 @@ from charrnn.sampling import SampleParams
 
 RETRY_STATUSES = (502, 503, 504)
 RETRY_WAITS_S = (0.5, 1.0, 2.0, None)  # None: the last attempt
+PROGRESS_EVERY_S = 10.0
 
 
 def request_body(prompt: str, p: SampleParams, oov: str = "error") -> dict:
@@ -32,6 +35,17 @@ def request_body(prompt: str, p: SampleParams, oov: str = "error") -> dict:
 def generate_remote(url: str, prompts: list[str], params: SampleParams, token: str | None = None,
                     concurrency: int = 32, timeout: float = 300,
                     oov: str = "error") -> tuple[list[str], dict]:
+    """All completions, in prompt order, and the `model` of the first answer."""
+    results = list(iter_remote(url, prompts, params, token, concurrency, timeout, oov))
+    return [c for c, _ in results], (results[0][1] if results else {})
+
+
+def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str | None = None,
+                concurrency: int = 32, timeout: float = 300,
+                oov: str = "error") -> Iterator[tuple[str, dict]]:
+    """(completion, model) per prompt, in prompt order, each as soon as it and those before it
+    are back: a long batch writes as it goes, and an error or Ctrl-C at prompt 2,000 keeps the
+    1,999 before it. Progress goes to stderr every `PROGRESS_EVERY_S`."""
     try:
         u = urlparse(url)
         u.port  # noqa: B018  (parses the port: a bad one raises here, not in a worker thread)
@@ -66,14 +80,15 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
         raise AssertionError("unreachable")
 
     def one(item):
-        prompt, p = item
+        i, (prompt, p) = item
         r = post(request_body(prompt, p, oov))
         if r.status_code != 200:
             try:
                 msg = r.json().get("error", r.text)
             except (ValueError, AttributeError):  # not JSON, or JSON but not an object
                 msg = r.text
-            raise CharrnnError(f"{url} answered {r.status_code}: {msg}")
+            which = f" to prompt {i + 1:,} of {len(prompts):,}" if len(prompts) > 1 else ""
+            raise CharrnnError(f"{url} answered {r.status_code}{which}: {msg}")
         try:
             data = r.json()
             return data["completions"][0], data["model"]
@@ -82,6 +97,13 @@ def generate_remote(url: str, prompts: list[str], params: SampleParams, token: s
                                "app?") from None
 
     rows = Generator.row_params(params, len(prompts))
+    started = last = time.monotonic()
+    # map() submits every prompt at once and yields in order; leaving early (an error, Ctrl-C, a
+    # closed stdout) cancels the prompts not yet sent and waits only for those in flight.
     with ThreadPoolExecutor(min(concurrency, max(1, len(prompts)))) as pool:
-        results = list(pool.map(one, zip(prompts, rows)))
-    return [c for c, _ in results], (results[0][1] if results else {})
+        for done, result in enumerate(pool.map(one, enumerate(zip(prompts, rows))), 1):
+            yield result
+            if time.monotonic() - last >= PROGRESS_EVERY_S and done < len(prompts):
+                last = time.monotonic()
+                print(f"  {done:,} of {len(prompts):,} prompts done "
+                      f"({done / (last - started):,.1f}/s)", file=sys.stderr, flush=True)

@@ -84,46 +84,53 @@ def main(argv=None) -> int:
     if args.serve_url:
         if args.random_prompt or not prompts:
             raise CharrnnError("--serve-url needs --prompt or --prompts-file")
-        from charrnn.client import generate_remote
-        completions, model = generate_remote(args.serve_url, prompts, params, args.token,
-                                             oov=args.oov)
-        run = model.get("run")
-    else:
-        from charrnn import checkpoint
-        from charrnn.generate import Generator, pick_device
-        try:
-            device = pick_device(args.device)
-        except ValueError as e:
-            raise CharrnnError(f"--device: {e}") from None
-        loaded = checkpoint.load(args.checkpoint, device)
-        if args.random_prompt:
-            from dataclasses import replace
+        from charrnn.client import iter_remote
+        # Written as they come back, so a long batch that fails or is stopped keeps what it got.
+        for i, (c, model) in enumerate(iter_remote(args.serve_url, prompts, params, args.token,
+                                                   oov=args.oov)):
+            write(args, i, prompts[i], c, model.get("run"))
+        return 0
+    from charrnn import checkpoint
+    from charrnn.generate import Generator, pick_device
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise CharrnnError(f"--device: {e}") from None
+    loaded = checkpoint.load(args.checkpoint, device)
+    if args.random_prompt:
+        from dataclasses import replace
 
-            from charrnn.corpus import load_text
-            from charrnn.data import random_prompt
-            try:
-                data = (replace(loaded.config.data, corpus=args.corpus) if args.corpus is not None
-                        else loaded.config.data)
-            except ValueError as e:
-                raise CharrnnError(f"--corpus: {e}") from None
-            try:
-                text = load_text(data)
-            except CharrnnError as e:
-                hint = "" if args.corpus else " (the checkpoint's training corpus; --corpus names another)"
-                raise CharrnnError(f"--random-prompt: {e}{hint}") from None
-            prompts.append(random_prompt(text, data.seq_len, args.seed))
-        if not prompts:
-            raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
-        completions = Generator(loaded, device, args.precision).complete(
-            prompts, params, args.oov)
-        run = loaded.meta.get("run")
+        from charrnn.corpus import load_text
+        from charrnn.data import random_prompt
+        try:
+            data = (replace(loaded.config.data, corpus=args.corpus) if args.corpus is not None
+                    else loaded.config.data)
+        except ValueError as e:
+            raise CharrnnError(f"--corpus: {e}") from None
+        try:
+            text = load_text(data)
+        except CharrnnError as e:
+            hint = "" if args.corpus else " (the checkpoint's training corpus; --corpus names another)"
+            raise CharrnnError(f"--random-prompt: {e}{hint}") from None
+        prompts.append(random_prompt(text, data.seq_len, args.seed))
+    if not prompts:
+        raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
+    completions = Generator(loaded, device, args.precision).complete(
+        prompts, params, args.oov)
+    run = loaded.meta.get("run")
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        if args.format == "jsonl":
-            seed = None if args.seed is None else args.seed + i
-            print(json.dumps({"prompt": p, "completion": c, "seed": seed, "run": run}))
-        else:
-            print(("\n---\n" if i else "") + p + c)
+        write(args, i, p, c, run)
     return 0
+
+
+def write(args: argparse.Namespace, i: int, prompt: str, completion: str, run: str | None) -> None:
+    """Prompt i and its completion on stdout, in `--format`."""
+    if args.format == "jsonl":
+        seed = None if args.seed is None else args.seed + i
+        print(json.dumps({"prompt": prompt, "completion": completion, "seed": seed, "run": run}),
+              flush=True)
+    else:
+        print(("\n---\n" if i else "") + prompt + completion, flush=True)
 
 
 if __name__ == "__main__":

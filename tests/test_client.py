@@ -9,10 +9,11 @@ import pytest
 from charrnn import client
 from charrnn.errors import CharrnnError
 from charrnn.sampling import SampleParams
+from tests.conftest import call_job
 
 
 @pytest.fixture
-def server(monkeypatch):
+def server(monkeypatch, tmp_path):
     """Answers POST /generate with the statuses queued in `server.statuses` (then 200s)."""
     monkeypatch.setattr(client, "RETRY_WAITS_S", (0.0, 0.0, 0.0, None))
 
@@ -21,7 +22,7 @@ def server(monkeypatch):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             srv.bodies.append(body)
             srv.auth.append(self.headers.get("authorization"))  # as decoded: Latin-1
-            status = srv.statuses.pop(0) if srv.statuses else 200
+            status = srv.statuses.pop(0) if srv.statuses else 422 if body["prompt"] == "bad" else 200
             data = ({"completions": [body["prompt"].upper()], "model": {"run": "r"}}
                     if status == 200 else {"error": "busy"})
             out = json.dumps(data).encode()
@@ -38,6 +39,7 @@ def server(monkeypatch):
     srv.statuses, srv.bodies, srv.auth = [], [], []
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.tmp = tmp_path
     yield srv
     srv.shutdown()
 
@@ -85,3 +87,27 @@ def test_the_token_is_sent_as_utf_8_without_surrounding_whitespace(server):
                            "Bearer " + "tök€n".encode().decode("latin-1")]
     client.generate_remote(server.url, ["abc"], SampleParams(5), token=" ")
     assert server.auth[-1] is None
+
+
+def test_a_long_batch_is_written_as_it_comes_back(server, monkeypatch, capfd):
+    """`--serve-url` with a prompts file printed nothing until every prompt was back: a 422 or a
+    Ctrl-C at prompt 2,000 lost the 1,999 completions before it. Now each is written in order
+    as it arrives, an error names its prompt, and progress goes to stderr."""
+    monkeypatch.setattr(client, "PROGRESS_EVERY_S", 0.0)
+    got = list(client.iter_remote(server.url, ["a", "b", "c"], SampleParams(5, seed=1)))
+    assert [c for c, _ in got] == ["A", "B", "C"]
+    assert "  1 of 3 prompts done" in capfd.readouterr().err
+    prompts = [f"p{i}" for i in range(40)] + ["bad"] + ["q"] * 40
+    with pytest.raises(CharrnnError, match=r"answered 422 to prompt 41 of 81: busy"):
+        for i, (c, _) in enumerate(client.iter_remote(server.url, prompts, SampleParams(5))):
+            assert c == prompts[i].upper()
+    assert i == 39  # the 40 before it came out
+
+    prompts_file = server.tmp / "prompts.txt"
+    prompts_file.write_text("one\ntwo\nbad\nfour\n")
+    p = call_job(capfd, "generate.py", "--serve-url", server.url, "--prompts-file",
+                 str(prompts_file), "--format", "jsonl", "--seed", "7")
+    assert p.returncode == 2 and "answered 422 to prompt 3 of 4" in p.stderr
+    assert [json.loads(line) for line in p.stdout.splitlines()] == [
+        {"prompt": "one", "completion": "ONE", "seed": 7, "run": "r"},
+        {"prompt": "two", "completion": "TWO", "seed": 8, "run": "r"}]
