@@ -11,10 +11,10 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlparse
 
 import requests
 
+from charrnn import urls
 from charrnn.errors import CharrnnError
 from charrnn.generate import Generator
 from charrnn.sampling import SampleParams
@@ -46,13 +46,10 @@ def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str |
     """(completion, model) per prompt, in prompt order, each as soon as it and those before it
     are back: a long batch writes as it goes, and an error or Ctrl-C at prompt 2,000 keeps the
     1,999 before it. Progress goes to stderr every `PROGRESS_EVERY_S`."""
-    try:
-        u = urlparse(url)
-        u.port  # noqa: B018  (parses the port: a bad one raises here, not in a worker thread)
-    except ValueError:
-        u = None
-    if u is None or u.scheme not in ("http", "https") or not u.netloc:
-        raise CharrnnError(f"--serve-url must be http(s)://HOST:PORT, got {url!r}")
+    # Checked here, not as a traceback from a worker thread.
+    bad = urls.problem(url, credentials="the Serve app takes a bearer token: --token")
+    if bad:
+        raise CharrnnError(f"--serve-url {urls.redacted(url)} {bad}")
     # As the server reads its own (`api.api_token`): stripped, UTF-8 (requests would send text
     # as Latin-1, and fail on anything outside it).
     token = (token or "").strip()

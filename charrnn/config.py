@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from charrnn import urls
 from charrnn.errors import ConfigError
 from charrnn.model import ModelConfig
 from charrnn.typed import check, from_dict, load_yaml, want, yaml_error
@@ -132,6 +133,10 @@ class RunConfig:
         want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name,
              "a non-empty name without '/', other than '.' or '..'")
         want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
+        bad = self.s3_endpoint_url and urls.problem(
+            self.s3_endpoint_url, path=False,
+            credentials=urls.S3_KEYS)
+        check(not bad, f"run.s3_endpoint_url {urls.redacted(self.s3_endpoint_url)} {bad}")
         want(self, "run.keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")
         want(self, "run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, ">= 0 (0: per epoch)")
         want(self, "run.max_failures", self.max_failures >= -1, ">= -1 (-1: unlimited)")

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from charrnn import urls
 from charrnn.config import DataConfig
 from charrnn.errors import CorpusError, StorageError
 from charrnn.vocab import rare_chars
@@ -63,6 +64,9 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
         url = GUTENBERG_URL.format(id=book)
         return _cached_download(url, Path(cache_dir).expanduser() / "gutenberg" / f"pg{book}.txt")
     if source.startswith(("http://", "https://")):
+        bad = urls.problem(source, credentials=f"{urls.SAVED}: download the text and pass --corpus PATH")
+        if bad:
+            raise CorpusError(f"--corpus {urls.redacted(source)} {bad}")
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         return _cached_download(source, Path(cache_dir).expanduser() / "url" / f"{digest}.txt")
     from charrnn import s3, storage  # pyarrow: not needed for the download sources above

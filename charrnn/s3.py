@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from charrnn import urls
 from charrnn.errors import StorageError
 
 # Set once from the run config by the entry point; env variables are the fallback.
@@ -29,8 +30,17 @@ def configure(endpoint_url: str = "", region: str = "") -> None:
 
 
 def endpoint() -> str:
-    return (_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or "")
+    """The endpoint URL, "" for AWS itself. A malformed one is a StorageError naming where it was
+    set (it was a ValueError or botocore traceback, and pyarrow took `host:9000` as https)."""
+    for where, url in (("run.s3_endpoint_url", _settings["endpoint_url"]),
+                       ("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")),
+                       ("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL"))):
+        if url:
+            bad = urls.problem(url, path=False, credentials=urls.S3_KEYS)
+            if bad:
+                raise StorageError(f"the S3 endpoint {where}={urls.redacted(url)} {bad}")
+            return url
+    return ""
 
 
 def region() -> str:
@@ -46,7 +56,7 @@ def filesystem() -> pafs.S3FileSystem:
     )
     url = endpoint()
     if url:
-        u = urlparse(url if "://" in url else f"https://{url}")
+        u = urlsplit(url)
         kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
     return pafs.S3FileSystem(**kwargs)
 

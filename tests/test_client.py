@@ -1,6 +1,7 @@
 """The Serve client of `jobs/generate.py --serve-url`, against a stand-in server on loopback."""
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -66,7 +67,7 @@ def test_errors_are_one_line(server):
 
 @pytest.mark.parametrize("url", ["localhost:8000", "ftp://host", "http://[::1", "http://h:99999"])
 def test_a_url_that_is_not_http_is_refused_up_front(url):
-    with pytest.raises(CharrnnError, match="--serve-url must be http"):
+    with pytest.raises(CharrnnError, match=f"--serve-url {re.escape(url)} is not a valid URL"):
         client.generate_remote(url, ["abc"], SampleParams(5))
 
 

@@ -54,6 +54,12 @@ def test_overrides_are_typed():
     ("run.name=..", r"run.name must be a non-empty name without '/', other than '.' or '..', got '..'"),
     ("run.name=.", r"run.name must be .*got '.'"),
     ("run.name=a/b", r"run.name must be .*got 'a/b'"),
+    # an endpoint is checked with the config, before the corpus is read; a password is not shown
+    ("run.s3_endpoint_url=minio:9000", r"run.s3_endpoint_url minio:9000 is not a valid URL; "
+                                       r"expected http\(s\)://HOST\[:PORT\]$"),
+    ("run.s3_endpoint_url=http://k:secret@minio:9000",
+     r"run.s3_endpoint_url http://\*\*\*@minio:9000 carries a user name or password; it would be "
+     "logged and saved in checkpoints: give S3 credentials in AWS_ACCESS_KEY_ID"),
 ])
 def test_bad_overrides_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):

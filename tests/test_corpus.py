@@ -75,6 +75,43 @@ def test_unreachable_url_names_the_way_out(tmp_path):
         corpus.load_text(DataConfig(corpus="gutenberg:abc", cache_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize("url, match", [
+    # each was a traceback (ValueError, or http.client.InvalidURL with "run again to retry"), or a
+    # DNS lookup of "user:pass@host"; none is sent anywhere now
+    ("http://[::1/book.txt", r"is not a valid URL \(Invalid IPv6 URL\); expected http\(s\)://HOST"),
+    ("http://127.0.0.1:99999/book.txt", r"is not a valid URL \(Port out of range 0-65535\)"),
+    ("http:///book.txt", r"is not a valid URL; expected"),
+    ("http://127.0.0.1:9/my book.txt", r"contains a space or a control character"),
+    ("https://reader:s3cret@127.0.0.1:9/book.txt",
+     r"^--corpus https://\*\*\*@127.0.0.1:9/book.txt carries a user name or password; it would be "
+     r"logged and saved in checkpoints: download the text and pass --corpus PATH$"),
+])
+def test_a_malformed_url_is_one_line_before_any_request(tmp_path, monkeypatch, url, match):
+    def no_request(*args, **kwargs):
+        raise AssertionError("no request may be made")
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", no_request)
+    with pytest.raises(CorpusError, match=match):
+        corpus.load_text(DataConfig(corpus=url, cache_dir=str(tmp_path)))
+
+
+def test_a_malformed_s3_endpoint_names_where_it_was_set(monkeypatch):
+    """A ValueError or botocore traceback before; pyarrow took `host:9000` as https."""
+    from charrnn import s3
+    from charrnn.errors import StorageError
+    monkeypatch.setattr(s3, "_settings", {"endpoint_url": "", "region": ""})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with pytest.raises(StorageError, match=r"the S3 endpoint AWS_ENDPOINT_URL=127.0.0.1:9000 is "
+                                           r"not a valid URL; expected http\(s\)://HOST\[:PORT\]$"):
+        s3.filesystem()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000/minio")
+    with pytest.raises(StorageError, match="AWS_ENDPOINT_URL_S3=http://127.0.0.1:9000/minio has a path"):
+        s3.client()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000/")
+    assert s3.endpoint() == "http://127.0.0.1:9000/"
+    assert s3.filesystem().region == "us-east-1"
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """A local stand-in for Project Gutenberg, counting requests."""
