@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="checkpoint dir, winner.json or run dir (local or s3://)")
     src.add_argument("--serve-url", help="base URL of a running charrnn Serve app")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="one prompt per line, generated as one batch")
+    p.add_argument("--prompts-file", help="one prompt per line, generated as one batch (- reads stdin)")
     p.add_argument("--random-prompt", action="store_true",
                    help="start from a random slice of the training corpus (as the tutorial does)")
     p.add_argument("--corpus", help="corpus for --random-prompt (default: the checkpoint's)")
@@ -57,16 +59,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
+        name = "stdin" if args.prompts_file == "-" else args.prompts_file
         try:
-            with open(args.prompts_file, encoding="utf-8-sig") as f:  # Notepad writes a BOM
-                from_file = [line.rstrip("\n") for line in f if line.strip()]
+            if args.prompts_file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.prompts_file, "rb") as f:
+                    data = f.read()
         except OSError as e:
-            raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}") from None
+            raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {name}") from None
+        # Decoded whole, so that an error's offset is the file's (a text-mode read gave it
+        # within an 8 KiB chunk); a byte-order mark (Notepad writes one) is skipped.
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = data[bom:].decode("utf-8")
         except UnicodeDecodeError as e:
-            raise CharrnnError(f"--prompts-file {args.prompts_file} is not UTF-8 text "
-                               f"(byte offset {e.start})") from None
+            at = bom + e.start
+            line = data.count(b"\n", 0, at) + 1
+            raise CharrnnError(f"--prompts-file {name} is not UTF-8 text (byte offset {at:,}, "
+                               f"line {line:,})") from None
+        # Lines end in \n, \r\n or \r, as a text-mode read splits them.
+        from_file = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
         if not from_file:
-            raise CharrnnError(f"--prompts-file {args.prompts_file} has no prompts "
+            raise CharrnnError(f"--prompts-file {name} has no prompts "
                                "(one per line; blank lines are skipped)")
         prompts += from_file
     return prompts

@@ -398,6 +398,22 @@ def test_cli_errors_are_one_line(tmp_path, setup, args, match, capfd):
     assert match in _error_line(p)
 
 
+def test_prompts_come_from_stdin_with_a_dash(tiny_run):
+    """`--prompts-file -` was "No such file or directory: -"."""
+    import subprocess
+    storage, name, _ = tiny_run
+    args = [sys.executable, str(ROOT / "jobs" / "generate.py"), "--checkpoint", str(storage / name),
+            "--prompts-file", "-", "--format", "jsonl", "--max-chars", "5", "--seed", "1"]
+    p = subprocess.run(args, input=b"\xef\xbb\xbfthe queen\r\n\r\nthe cat\rshe said",
+                       capture_output=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line)["prompt"] for line in p.stdout.splitlines()] == [
+        "the queen", "the cat", "she said"]
+    p = subprocess.run(args, input=b"", capture_output=True, cwd=ROOT, timeout=120)
+    assert (p.returncode, p.stderr.decode()) == (
+        2, "error: --prompts-file stdin has no prompts (one per line; blank lines are skipped)\n")
+
+
 def test_generate_cli_errors(tiny_run, tmp_path, capfd):
     storage, name, _ = tiny_run
     run = str(storage / name)
@@ -436,7 +452,11 @@ def test_generate_cli_errors(tiny_run, tmp_path, capfd):
     assert "has no prompts" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
     blank.write_bytes(b"ab\xff\n")
-    assert "not UTF-8 text (byte offset 2)" in _error_line(call_job(
+    assert "not UTF-8 text (byte offset 2, line 1)" in _error_line(call_job(
+        capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
+    # Past the first 8 KiB: a text-mode read named the offset within its chunk (5,426 here).
+    blank.write_bytes(b"\xef\xbb\xbf" + b"alice\n" * 5000 + b"ab\xff\n")
+    assert "not UTF-8 text (byte offset 30,005, line 5,001)" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
     assert "does not exist" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "a"))
