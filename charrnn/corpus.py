@@ -151,13 +151,14 @@ def _read(r) -> bytes:
 
 
 def decode(data: bytes, source: str, errors: str = "strict") -> str:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        return data.decode("utf-8", errors=errors)
+        return data[bom:].decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
+        at = bom + e.start  # in the file, byte-order mark included (a hex editor's offset)
+        line = data.count(b"\n", 0, at) + 1
         raise CorpusError(
-            f"{source}: byte 0x{data[e.start]:02x} at offset {e.start} is not valid UTF-8; "
+            f"{source}: byte 0x{data[at]:02x} at offset {at:,} (line {line:,}) is not valid UTF-8; "
             "set data.decode_errors=replace (--set data.decode_errors=replace) to replace it") from None
 
 

@@ -61,10 +61,13 @@ def test_empty_after_cleaning(tmp_path):
 def test_undecodable_bytes_name_the_offset(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(b"hello \xff world")
-    with pytest.raises(CorpusError, match="0xff at offset 6.*decode_errors=replace"):
+    with pytest.raises(CorpusError, match=r"0xff at offset 6 \(line 1\).*decode_errors=replace"):
+        corpus.load_text(DataConfig(corpus=str(p)))
+    p.write_bytes(b"\xef\xbb\xbfline one\r\nhello \xff world")  # was "offset 16": the BOM left out
+    with pytest.raises(CorpusError, match=r"0xff at offset 19 \(line 2\)"):
         corpus.load_text(DataConfig(corpus=str(p)))
     text = corpus.load_text(DataConfig(corpus=str(p), decode_errors="replace"))
-    assert text == "hello \ufffd world\n"
+    assert text == "line one\nhello \ufffd world\n"
 
 
 def test_unreachable_url_names_the_way_out(tmp_path):
