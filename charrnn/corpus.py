@@ -150,15 +150,35 @@ def _read(r) -> bytes:
     return b"".join(chunks)
 
 
-def decode(data: bytes, source: str, errors: str = "strict") -> str:
+class BadByte(ValueError):
+    """A byte that is not UTF-8, where a person finds it: `offset` in the file (a hex editor's,
+    the byte-order mark counted) and its 1-based `line`."""
+
+    def __init__(self, data: bytes, offset: int):
+        super().__init__(offset)
+        self.byte, self.offset = data[offset], offset
+        self.line = data.count(b"\n", 0, offset) + 1
+
+    def where(self) -> str:
+        return f"byte offset {self.offset:,}, line {self.line:,}"
+
+
+def decode_utf8(data: bytes, errors: str = "strict") -> str:
+    """UTF-8 bytes -> text, a leading byte-order mark (Notepad writes one) skipped; an
+    undecodable byte raises `BadByte` (UnicodeDecodeError's offset would miss the mark)."""
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[bom:].decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        at = bom + e.start  # in the file, byte-order mark included (a hex editor's offset)
-        line = data.count(b"\n", 0, at) + 1
+        raise BadByte(data, bom + e.start) from None
+
+
+def decode(data: bytes, source: str, errors: str = "strict") -> str:
+    try:
+        return decode_utf8(data, errors)
+    except BadByte as e:
         raise CorpusError(
-            f"{source}: byte 0x{data[at]:02x} at offset {at:,} (line {line:,}) is not valid UTF-8; "
+            f"{source}: byte 0x{e.byte:02x} ({e.where()}) is not valid UTF-8; "
             "set data.decode_errors=replace (--set data.decode_errors=replace) to replace it") from None
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import os
 import re
@@ -68,16 +67,12 @@ def read_prompts(args) -> list[str]:
                     data = f.read()
         except OSError as e:
             raise CharrnnError(f"cannot read --prompts-file: {e.strerror}: {name}") from None
-        # Decoded whole, so that an error's offset is the file's (a text-mode read gave it
-        # within an 8 KiB chunk); a byte-order mark (Notepad writes one) is skipped.
-        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        # Decoded whole: a text-mode read named an offset within its 8 KiB chunk.
+        from charrnn.corpus import BadByte, decode_utf8
         try:
-            text = data[bom:].decode("utf-8")
-        except UnicodeDecodeError as e:
-            at = bom + e.start
-            line = data.count(b"\n", 0, at) + 1
-            raise CharrnnError(f"--prompts-file {name} is not UTF-8 text (byte offset {at:,}, "
-                               f"line {line:,})") from None
+            text = decode_utf8(data)
+        except BadByte as e:
+            raise CharrnnError(f"--prompts-file {name} is not UTF-8 text ({e.where()})") from None
         # Lines end in \n, \r\n or \r, as a text-mode read splits them.
         from_file = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
         if not from_file:

@@ -61,10 +61,10 @@ def test_empty_after_cleaning(tmp_path):
 def test_undecodable_bytes_name_the_offset(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(b"hello \xff world")
-    with pytest.raises(CorpusError, match=r"0xff at offset 6 \(line 1\).*decode_errors=replace"):
+    with pytest.raises(CorpusError, match=r"0xff \(byte offset 6, line 1\).*decode_errors=replace"):
         corpus.load_text(DataConfig(corpus=str(p)))
     p.write_bytes(b"\xef\xbb\xbfline one\r\nhello \xff world")  # was "offset 16": the BOM left out
-    with pytest.raises(CorpusError, match=r"0xff at offset 19 \(line 2\)"):
+    with pytest.raises(CorpusError, match=r"0xff \(byte offset 19, line 2\)"):
         corpus.load_text(DataConfig(corpus=str(p)))
     text = corpus.load_text(DataConfig(corpus=str(p), decode_errors="replace"))
     assert text == "line one\nhello \ufffd world\n"
