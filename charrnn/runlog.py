@@ -27,12 +27,15 @@ def say(line: str) -> None:
     try:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (`| head`, a `tee` that died). A run does not stop for it: what it
-        # logs is also in metrics.csv, and Ctrl-C still saves and stops it.
+    except OSError as e:
+        # The reader went away (`| head`, a `tee` that died), or the disk of `> train.log` is
+        # full. A run does not stop for it: what it logs is also in metrics.csv, and Ctrl-C still
+        # saves and stops it.
         discard_stdout()
-        _note("stdout was closed by its reader; the run goes on without printing "
-              "(metrics.csv and metrics.json in the run directory keep its record)")
+        why = ("stdout was closed by its reader" if isinstance(e, BrokenPipeError)
+               else f"cannot write to stdout ({e.strerror})")
+        _note(f"{why}; the run goes on without printing (metrics.csv and metrics.json in the run "
+              "directory keep its record)")
 
 
 def discard_stdout() -> None:

@@ -137,10 +137,17 @@ def write(args: argparse.Namespace, i: int, prompt: str, completion: str, run: s
     """Prompt i and its completion on stdout, in `--format`."""
     if args.format == "jsonl":
         seed = None if args.seed is None else args.seed + i
-        print(json.dumps({"prompt": prompt, "completion": completion, "seed": seed, "run": run}),
-              flush=True)
+        out = json.dumps({"prompt": prompt, "completion": completion, "seed": seed, "run": run})
     else:
-        print(("\n---\n" if i else "") + prompt + completion, flush=True)
+        out = ("\n---\n" if i else "") + prompt + completion
+    try:
+        print(out, flush=True)
+    except BrokenPipeError:
+        raise  # the reader left: `run_cli` ends quietly
+    except OSError as e:  # `> out.txt` on a full disk
+        from charrnn import runlog
+        runlog.discard_stdout()
+        raise CharrnnError(f"cannot write to stdout: {e.strerror}") from None
 
 
 if __name__ == "__main__":

@@ -679,10 +679,11 @@ def test_a_relative_corpus_path_is_saved_absolute(corpus_path, tmp_path, monkeyp
     assert "changed since that checkpoint: train.epochs 1 -> 2\n" in out  # not data.corpus
 
 
-def test_a_closed_stdout_ends_generation_quietly_and_training_goes_on(tiny_run, corpus_path,
-                                                                      tmp_path):
+def test_a_closed_or_full_stdout_ends_generation_in_one_line_and_training_goes_on(
+        tiny_run, corpus_path, tmp_path):
     """`generate.py ... | head` ended in a BrokenPipeError traceback, and `train.py ... | head`
-    (or a `tee` that died) killed the run at its next log line, losing what it had trained."""
+    (or a `tee` that died, or a full disk under `> train.log`) killed the run at its next log
+    line, losing what it had trained."""
     import subprocess
     storage, name, _ = tiny_run
 
@@ -706,3 +707,18 @@ def test_a_closed_stdout_ends_generation_quietly_and_training_goes_on(tiny_run, 
     assert rc == 0 and "Traceback" not in err, err
     assert "stdout was closed by its reader; the run goes on" in err
     assert json.loads((tmp_path / "cut" / "winner.json").read_text())["step"] == 254  # 2 epochs
+
+    # `> out.txt` on a full disk (/dev/full): an OSError traceback from both before
+    def to_a_full_disk(script, *args):
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT,
+                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        return p.returncode, p.stderr
+
+    assert to_a_full_disk("generate.py", "--checkpoint", str(storage / name), "--prompt",
+                          "alice") == (2, "error: cannot write to stdout: No space left on device\n")
+    rc, err = to_a_full_disk("train.py", "--config", "configs/tiny.yaml", "--corpus",
+                             str(corpus_path), "--storage", str(tmp_path), "--name", "full")
+    assert rc == 0 and err.startswith("cannot write to stdout (No space left on device); the run "
+                                      "goes on without printing"), err
+    assert json.loads((tmp_path / "full" / "winner.json").read_text())["step"] == 254
