@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import requests
 
@@ -19,6 +20,7 @@ from charrnn.errors import CharrnnError
 from charrnn.generate import Generator
 from charrnn.sampling import SampleParams
 
+T, R = TypeVar("T"), TypeVar("R")
 RETRY_STATUSES = (502, 503, 504)
 RETRY_WAITS_S = (0.5, 1.0, 2.0, None)  # None: the last attempt
 PROGRESS_EVERY_S = 10.0
@@ -95,12 +97,47 @@ def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str |
 
     rows = Generator.row_params(params, len(prompts))
     started = last = time.monotonic()
-    # map() submits every prompt at once and yields in order; leaving early (an error, Ctrl-C, a
-    # closed stdout) cancels the prompts not yet sent and waits only for those in flight.
-    with ThreadPoolExecutor(min(concurrency, max(1, len(prompts)))) as pool:
-        for done, result in enumerate(pool.map(one, enumerate(zip(prompts, rows))), 1):
-            yield result
-            if time.monotonic() - last >= PROGRESS_EVERY_S and done < len(prompts):
-                last = time.monotonic()
-                print(f"  {done:,} of {len(prompts):,} prompts done "
-                      f"({done / (last - started):,.1f}/s)", file=sys.stderr, flush=True)
+    items = list(enumerate(zip(prompts, rows)))
+    for done, result in enumerate(ordered_map(one, items, concurrency), 1):
+        yield result
+        if time.monotonic() - last >= PROGRESS_EVERY_S and done < len(prompts):
+            last = time.monotonic()
+            print(f"  {done:,} of {len(prompts):,} prompts done "
+                  f"({done / (last - started):,.1f}/s)", file=sys.stderr, flush=True)
+
+
+def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """`fn` over `items` on up to `workers` threads, results yielded in order; an exception is
+    raised where its item's result would be. Leaving early (an error, Ctrl-C, a closed stdout)
+    starts no further item and waits for none in flight: the threads are daemons. With a
+    ThreadPoolExecutor, Ctrl-C against a server that had stopped answering waited out every
+    request's timeout (its workers are joined at exit), and a second Ctrl-C aborted the process
+    in C++ ("terminate called after throwing ... KeyboardInterrupt")."""
+    results: list = [None] * len(items)
+    ready = [threading.Event() for _ in items]
+    order = iter(range(len(items)))
+    lock, stop = threading.Lock(), threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            try:
+                results[i] = (True, fn(items[i]))
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+                results[i] = (False, e)
+            ready[i].set()
+
+    for _ in range(min(workers, len(items))):
+        threading.Thread(target=work, daemon=True, name="charrnn-client").start()
+    try:
+        for i in range(len(items)):
+            ready[i].wait()
+            (ok, value), results[i] = results[i], None
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()

@@ -112,3 +112,57 @@ def test_a_long_batch_is_written_as_it_comes_back(server, monkeypatch, capfd):
     assert [json.loads(line) for line in p.stdout.splitlines()] == [
         {"prompt": "one", "completion": "ONE", "seed": 7, "run": "r"},
         {"prompt": "two", "completion": "TWO", "seed": 8, "run": "r"}]
+
+
+def test_leaving_early_waits_for_no_request_in_flight(tmp_path):
+    """With a ThreadPoolExecutor, Ctrl-C against a server that had stopped answering waited out
+    each request's timeout (300 s; its workers are joined at exit), and a second Ctrl-C aborted
+    the process in C++. Now the requests in flight are left to daemon threads."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from http.server import ThreadingHTTPServer
+
+    from tests.conftest import ROOT
+    never = threading.Event()
+    hits = []
+
+    class Stuck(BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(1)
+            never.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    def stuck_on(item):
+        if item == 1:
+            never.wait(60)
+        raise CharrnnError(f"item {item}")
+
+    t0 = time.monotonic()
+    with pytest.raises(CharrnnError, match="item 0"):
+        list(client.ordered_map(stuck_on, [0, 1], 2))
+    assert time.monotonic() - t0 < 5
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Stuck)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("alice\n" * 100)
+    p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "generate.py"), "--serve-url",
+                          f"http://127.0.0.1:{srv.server_address[1]}", "--prompts-file",
+                          str(prompts)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(hits) < 32 and time.monotonic() < deadline:  # every client thread is waiting
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+        assert (p.returncode, err) == (130, "interrupted\n")
+    finally:
+        p.kill()
+        never.set()
+        srv.shutdown()
