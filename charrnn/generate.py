@@ -87,17 +87,49 @@ class Stepper:
         return torch.addmm(self.head_b, x, self.head_w).float(), (new_h, new_c)
 
 
+PREFILL_CHUNK = 4096  # prompt characters per prefill pass (the Serve limit is 4,000 a prompt)
+
+
 def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
     """Feed the prompts once (one packed batch, any lengths): -> logits after each prompt's
     last character (B, V) and the recurrent state (nn.LSTM's format). An empty prompt starts
-    from `vocab.start` (a newline where the vocabulary has one)."""
+    from `vocab.start` (a newline where the vocabulary has one).
+
+    Prompts longer than PREFILL_CHUNK go through in passes of that many characters, the state
+    carried, the rows whose prompts have ended left out: nn.LSTM holds (B, T, 4H) gates and
+    (B, T, H) outputs for a pass, which for one 1 MB prompt at H=256 was about 8 GB at once."""
     texts = [p or vocab.start for p in prompts]
     lengths = torch.tensor([len(t) for t in texts])
-    x = torch.zeros(len(texts), int(lengths.max()), dtype=torch.long)
-    for b, t in enumerate(texts):
-        x[b, : len(t)] = torch.from_numpy(vocab.encode(t).astype(np.int64))
-    logits, state = model(x.to(device), lengths=lengths)  # (B, Tmax, V)
-    return logits[torch.arange(len(texts)), lengths.to(device) - 1], state
+    ids = [torch.from_numpy(vocab.encode(t).astype(np.int64)) for t in texts]
+    last, state = None, None
+    for start in range(0, int(lengths.max()), PREFILL_CHUNK):
+        rows = (lengths > start).nonzero()[:, 0]  # prompts not yet fed to their end
+        n = (lengths[rows] - start).clamp(max=PREFILL_CHUNK)  # (R,) characters in this pass
+        x = torch.zeros(len(rows), int(n.max()), dtype=torch.long)
+        for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
+            x[r, :k] = ids[b][start: start + k]
+        logits, part = model(x.to(device), _rows(state, rows), lengths=n)  # (R, T, V)
+        part_last = logits[torch.arange(len(rows)), n.to(device) - 1]  # (R, V)
+        if state is None:  # the first pass feeds every row
+            last, state = part_last, part
+        else:
+            last[rows.to(device)] = part_last
+            state = _put_rows(state, rows, part)
+    return last, state
+
+
+def _rows(state, rows: torch.Tensor):
+    """The state (nn.LSTM's (h, c) or nn.GRU's h, each (L, B, H)) of batch rows `rows`."""
+    if state is None:
+        return None
+    rows = rows.to(state[0].device if isinstance(state, tuple) else state.device)
+    return tuple(s[:, rows] for s in state) if isinstance(state, tuple) else state[:, rows]
+
+
+def _put_rows(state, rows: torch.Tensor, part):
+    if isinstance(state, tuple):
+        return tuple(s.index_copy(1, rows.to(s.device), p) for s, p in zip(state, part))
+    return state.index_copy(1, rows.to(state.device), part)
 
 
 def sample_ids(

@@ -64,6 +64,23 @@ def test_long_generations_are_packed_in_chunks_with_the_same_text(model, monkeyp
     assert [len(t) for t in whole] == [23, 9, 16]
 
 
+def test_long_prompts_are_prefilled_in_passes_with_the_same_result(model, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK goes through in passes (one pass held (B, T, 4H) gates:
+    about 8 GB for a 1 MB prompt at H=256); rows that end in an earlier pass keep their state."""
+    import charrnn.generate as gen
+    prompts = ["a", "the quick", "hello world. " * 4, "", "abcdefghijklmnopq"]  # 1, 9, 52, 0, 17
+    with torch.inference_mode():
+        whole_last, whole_state = gen.prefill(model, VOCAB, prompts, "cpu")
+        monkeypatch.setattr(gen, "PREFILL_CHUNK", 8)  # 7 passes; rows drop out at 1, 2 and 3
+        last, state = gen.prefill(model, VOCAB, prompts, "cpu")
+    torch.testing.assert_close(last, whole_last, atol=1e-5, rtol=1e-4)
+    for s, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (state, whole_state))):
+        torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-4)
+    params = [SampleParams(30, seed=i, temperature=0.5) for i in range(len(prompts))]
+    assert generate(model, VOCAB, prompts, params) == [
+        generate(model, VOCAB, [p], [q])[0] for p, q in zip(prompts, params)]
+
+
 def test_temperatures_near_zero_decode_greedily(model):
     """logits / 1e-45 overflowed float32 to inf, the softmax to NaN, and the row printed the
     vocabulary's last character forever; below 1e-5 a row now takes the argmax, the T -> 0
