@@ -195,6 +195,8 @@ def load_train_state(loaded: Loaded) -> dict:
 
 def resolve(uri: str) -> str:
     """A winner manifest, run directory or checkpoint directory URI -> checkpoint directory URI."""
+    if not uri.strip():  # "" was read as the current directory, and named as " is neither..."
+        raise CheckpointError("no checkpoint given: the URI is empty")
     if uri.endswith(".json"):
         return read_winner(uri)["checkpoint_uri"]
     if storage.exists(storage.join(uri, "model.pt")):

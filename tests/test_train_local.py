@@ -460,6 +460,9 @@ def test_generate_cli_errors(tiny_run, tmp_path, capfd):
         capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(blank)))
     assert "does not exist" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "a"))
+    # was " is neither a checkpoint directory ...", the current directory searched for one
+    assert _error_line(call_job(capfd, "generate.py", "--checkpoint", "", "--prompt", "a")) == (
+        "error: no checkpoint given: the URI is empty")
     assert "prompts-file" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(tmp_path / "nope.txt")))
 
