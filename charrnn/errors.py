@@ -43,7 +43,7 @@ class TrainingDiverged(CharrnnError):
 
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM, `cli.Terminated`) ended training; the message says what was kept and
-    how to go on (exit status 130; 143 after SIGTERM)."""
+    how to go on (exit status 130; 143 after SIGTERM, 129 after SIGHUP)."""
 
     def __init__(self, message: str = "checkpoint saved; run the same command again to resume"):
         super().__init__(message)

@@ -430,12 +430,14 @@ def test_more_workers_than_this_machine_is_one_error_line(corpus_path, tmp_path)
     assert time.monotonic() - t < 100
 
 
-@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                        (signal.SIGHUP, 129)])
 def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path, sig, status):
     """Ray Train's SIGINT handler aborts the run, after which its `ray.get` raised SystemExit(1):
     the job ended with status 1 and not a word. Now: one line, status 130, and the rerun resumes.
     SIGTERM (`ray job stop`, a pod stopping) made `ray.init`'s handler exit mid-run, and the
-    process then aborted (status 134); it now aborts the run as Ctrl-C does (status 143)."""
+    process then aborted (status 134); it now aborts the run as Ctrl-C does (status 143), as does
+    SIGHUP (a closed terminal or SSH session; status 129), which ended the driver where it stood."""
     args = ["--config", "configs/tiny.yaml", "--corpus", str(corpus_path), "--storage",
             str(tmp_path), "--name", "int", "--workers", "1"]
     p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "200"],

@@ -292,13 +292,16 @@ def test_a_second_ctrl_c_during_the_last_save_says_what_was_kept(corpus_path, tm
     assert json.loads((tmp_path / "k" / "winner.json").read_text())["step"] == step
 
 
-def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path):
-    """`kill`, `docker stop`, a Kubernetes pod stopping: SIGTERM killed the process where it
-    stood, losing what it had trained since its last checkpoint (up to an epoch)."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_save_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path, sig):
+    """`kill`, `docker stop`, a Kubernetes pod stopping (SIGTERM), or the terminal or SSH session
+    closing (SIGHUP): each killed the process where it stood, losing what it had trained since
+    its last checkpoint (up to an epoch)."""
     import signal
     import subprocess
     import sys
     import time
+    sig = getattr(signal, sig)
     args = ["--config", "configs/tiny.yaml", "--corpus", str(corpus_path), "--storage",
             str(tmp_path), "--name", "term", "--set", "train.sample_chars=0"]
     p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "500"],
@@ -308,11 +311,11 @@ def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path):
         while not p.stdout.readline().startswith("epoch "):  # its first checkpoint is saved
             pass
         time.sleep(0.3)  # into the second epoch
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
-    assert p.returncode == 143, err
+    assert p.returncode == 128 + sig, err
     assert err.strip().splitlines() == ["interrupted: checkpoint saved; run the same command "
                                         "again to resume"]
     saved = json.loads((tmp_path / "term" / "checkpoints.json").read_text())[-1]
@@ -321,6 +324,26 @@ def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(corpus_path, tmp_path):
     again = run_job("train.py", *args, "--epochs", "1")
     assert again.returncode == 0, again.stderr
     assert f"resuming run 'term' from its checkpoint at step {meta['step']} " in again.stdout
+
+
+def test_a_run_under_nohup_outlives_sighup(corpus_path, tmp_path):
+    """`nohup` starts a process with SIGHUP ignored; the SIGHUP handler must not undo that."""
+    import signal
+    import subprocess
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "configs/tiny.yaml",
+         "--corpus", str(corpus_path), "--storage", str(tmp_path), "--name", "nohup"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        while not p.stdout.readline().startswith("epoch "):
+            pass
+        p.send_signal(signal.SIGHUP)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "winner: " in out, err
+    assert json.loads((tmp_path / "nohup" / "winner.json").read_text())["step"] == 254
 
 
 def test_ctrl_c_during_a_save_still_saves(corpus_path, tmp_path, monkeypatch):
