@@ -29,8 +29,10 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("model.hiden_size=3", "unknown config key"),
-    ("nosuch.key=1", "unknown config key"),
+    ("model.hiden_size=3", r"unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'\?$"),
+    ("hidden_size=3", r"unknown config key 'hidden_size'; did you mean 'model.hidden_size'\?$"),
+    ("train.lr_rate=1", r"unknown config key 'train.lr_rate'$"),  # nothing close enough
+    ("nosuch.key=1", r"unknown config key 'nosuch.key'$"),
     ("model=3", "is a section"),
     ("model.hidden_size=big", "expected int"),
     ("train.epochs=1.5", "expected int"),
