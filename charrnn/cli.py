@@ -65,6 +65,7 @@ def run_cli(main: Callable[[], int], oom_hint: str = "smaller inputs") -> int:
     (what to lower) when memory runs out, 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, 141
     when the reader of stdout went away."""
     previous = {}
+    _stopped_by.clear()  # this run's signals only (tests call run_cli many times in one process)
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, _on_stop_signal) for sig in _handled()}
     try:
