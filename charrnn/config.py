@@ -9,7 +9,6 @@ used alike in YAML, in `--set key=value` overrides and in the docs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import yaml
 from charrnn import urls
 from charrnn.errors import ConfigError
 from charrnn.model import ModelConfig
-from charrnn.typed import check, from_dict, load_yaml, want, yaml_error
+from charrnn.typed import check, did_you_mean, dotted_keys, from_dict, load_yaml, want, yaml_error
 
 
 @dataclass
@@ -192,24 +191,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every setting of a config dataclass as a dotted key: `model.hidden_size`, ..."""
-    keys = []
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        keys += (_dotted_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
-                 else [f"{prefix}{f.name}"])
-    return keys
-
-
-def _did_you_mean(key: str) -> str:
-    """`; did you mean 'model.hidden_size'?` for `hidden_size` or `model.hiden_size`, else ""."""
-    keys = _dotted_keys(Config())
-    near = ([k for k in keys if k.rsplit(".", 1)[-1] == key]  # the section left out
-            or difflib.get_close_matches(key, keys, n=1, cutoff=0.8))  # a typo
-    return f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
-
-
 def apply_override(d: dict, assignment: str) -> None:
     """Apply one `dotted.key=value` override to the nested dict `d` (value parsed as YAML)."""
     if "=" not in assignment:
@@ -219,7 +200,8 @@ def apply_override(d: dict, assignment: str) -> None:
     node: Any = Config()
     for p in parts:  # validate the path against the schema, not the (possibly partial) dict
         if not dataclasses.is_dataclass(node) or p not in {f.name for f in dataclasses.fields(node)}:
-            raise ConfigError(f"--set: unknown config key {key!r}" + _did_you_mean(key.strip()))
+            raise ConfigError(f"--set: unknown config key {key!r}"
+                              + did_you_mean(key.strip(), dotted_keys(Config())))
         node = getattr(node, p)
     if dataclasses.is_dataclass(node):
         raise ConfigError(f"--set: {key!r} is a section; set one of its fields")

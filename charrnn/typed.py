@@ -8,6 +8,7 @@ a plain dict becomes a config, and where the field checks in `__post_init__` get
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any
@@ -70,6 +71,23 @@ def from_dict(cls, d: Any, prefix: str = ""):
         return cls(**kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every field of a nested dataclass as a dotted key: `model.hidden_size`, ..."""
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        keys += (dotted_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
+                 else [f"{prefix}{f.name}"])
+    return keys
+
+
+def did_you_mean(key: str, keys: list[str]) -> str:
+    """`; did you mean 'model.hidden_size'?` for `hidden_size` or `model.hiden_size`, else ""."""
+    near = ([k for k in keys if k.rsplit(".", 1)[-1] == key]  # the section left out
+            or difflib.get_close_matches(key, keys, n=1, cutoff=0.8))  # a typo
+    return f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
 
 
 class StrictLoader(yaml.SafeLoader):
