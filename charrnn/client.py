@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import requests
 
-from charrnn import urls
+from charrnn import runlog, urls
 from charrnn.errors import CharrnnError
 from charrnn.generate import Generator
 from charrnn.sampling import SampleParams
@@ -96,14 +96,13 @@ def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str |
                                "app?") from None
 
     rows = Generator.row_params(params, len(prompts))
-    started = last = time.monotonic()
+    started, every = time.monotonic(), runlog.Every(PROGRESS_EVERY_S)
     items = list(enumerate(zip(prompts, rows)))
     for done, result in enumerate(ordered_map(one, items, concurrency), 1):
         yield result
-        if time.monotonic() - last >= PROGRESS_EVERY_S and done < len(prompts):
-            last = time.monotonic()
+        if done < len(prompts) and every.due():
             print(f"  {done:,} of {len(prompts):,} prompts done "
-                  f"({done / (last - started):,.1f}/s)", file=sys.stderr, flush=True)
+                  f"({done / (time.monotonic() - started):,.1f}/s)", file=sys.stderr, flush=True)
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:

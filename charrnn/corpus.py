@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -131,7 +130,7 @@ def _read(r) -> bytes:
     """The response body in 1 MiB reads, with a progress line every PROGRESS_EVERY_S."""
     from charrnn import runlog
     total = int(r.headers.get("Content-Length") or 0)
-    chunks, got, said = [], 0, time.monotonic()
+    chunks, got, every = [], 0, runlog.Every(PROGRESS_EVERY_S)
     while True:
         try:
             chunk = r.read(1 << 20)
@@ -143,10 +142,9 @@ def _read(r) -> bytes:
             break
         chunks.append(chunk)
         got += len(chunk)
-        if time.monotonic() - said >= PROGRESS_EVERY_S:
+        if every.due():
             runlog.say(f"  downloaded {got / 2**20:,.1f} MiB"
                        + (f" of {total / 2**20:,.1f} MiB" if total else ""))
-            said = time.monotonic()
     return b"".join(chunks)
 
 

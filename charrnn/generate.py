@@ -9,7 +9,7 @@ carried: O(1) work per character, all rows at once. How each row draws its next 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,8 +173,10 @@ def generate(
     params: SampleParams | Sequence[SampleParams],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Completions (without their prompts) for a batch of prompts."""
+    """Completions (without their prompts) for a batch of prompts. `progress(steps, total)` is
+    called every CHUNK_STEPS steps (characters per prompt) when given."""
     if isinstance(params, SampleParams):
         params = [params] * len(prompts)
     # Steps are packed every CHUNK_STEPS into (B, CHUNK_STEPS) arrays of the vocabulary's dtype:
@@ -185,10 +187,13 @@ def generate(
         chunks.append(torch.stack(pending, 1).cpu().numpy().astype(vocab.dtype))  # (B, <= CHUNK)
         pending.clear()
 
+    total = max([0] + [p.max_new_chars for p in params])
     for ids in sample_ids(model, vocab, prompts, params, device, dtype):
         pending.append(ids)
         if len(pending) == CHUNK_STEPS:
             pack()
+            if progress is not None:
+                progress(sum(c.shape[1] for c in chunks), total)
     if pending:
         pack()
     if not chunks:
@@ -247,7 +252,8 @@ class Generator:
         return [replace(params, seed=None if params.seed is None else params.seed + i)
                 for i in range(n)]
 
-    def complete(self, prompts: Sequence[str], params: SampleParams, oov: str = "error") -> list[str]:
+    def complete(self, prompts: Sequence[str], params: SampleParams, oov: str = "error",
+                 progress: Callable[[int, int], None] | None = None) -> list[str]:
         clean = self.prepare(prompts, oov)
         return generate(self.model, self.vocab, clean, self.row_params(params, len(clean)),
-                        self.device, dtype=self.dtype)
+                        self.device, dtype=self.dtype, progress=progress)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from charrnn import storage
 
@@ -54,6 +55,20 @@ def _note(line: str) -> None:
         sys.stderr.flush()
     except OSError:  # stderr went with stdout (`2>&1 | head`)
         pass
+
+
+class Every:
+    """`due()` is True at most once per `seconds`: the pace of progress lines on long steps."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
 
 
 def bpc(nats: float) -> float:

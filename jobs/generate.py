@@ -126,11 +126,27 @@ def main(argv=None) -> int:
     if not prompts:
         raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
     completions = Generator(loaded, device, args.precision).complete(
-        prompts, params, args.oov)
+        prompts, params, args.oov, progress=progress_line(len(prompts)))
     run = loaded.meta.get("run")
     for i, (p, c) in enumerate(zip(prompts, completions)):
         write(args, i, p, c, run)
     return 0
+
+
+def progress_line(rows: int):
+    """A `progress(steps, total)` for generation that writes a line to stderr every 10 s (stdout
+    carries the texts)."""
+    import time
+
+    from charrnn.runlog import Every
+    started, every = time.monotonic(), Every(10.0)
+
+    def progress(steps: int, total: int) -> None:
+        if every.due():
+            rate = rows * steps / (time.monotonic() - started)
+            print(f"  {steps:,} of {total:,} characters per prompt, {rows:,} prompt(s) "
+                  f"({rate:,.0f} chars/s)", file=sys.stderr, flush=True)
+    return progress
 
 
 def write(args: argparse.Namespace, i: int, prompt: str, completion: str, run: str | None) -> None:

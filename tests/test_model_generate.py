@@ -60,8 +60,11 @@ def test_long_generations_are_packed_in_chunks_with_the_same_text(model, monkeyp
     params = [SampleParams(23, seed=5), SampleParams(9, seed=6), SampleParams(16, greedy=True)]
     whole = generate(model, VOCAB, ["the ", "a", ""], params)
     monkeypatch.setattr(gen, "CHUNK_STEPS", 4)
-    assert generate(model, VOCAB, ["the ", "a", ""], params) == whole
+    calls = []
+    assert generate(model, VOCAB, ["the ", "a", ""], params,
+                    progress=lambda steps, total: calls.append((steps, total))) == whole
     assert [len(t) for t in whole] == [23, 9, 16]
+    assert calls == [(4, 23), (8, 23), (12, 23), (16, 23), (20, 23)]  # per packed chunk
 
 
 def test_long_prompts_are_prefilled_in_passes_with_the_same_result(model, monkeypatch):
