@@ -58,8 +58,10 @@ def from_dict(cls, d: Any, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
-                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        key = f"{prefix}{unknown[0]!s}"
+        near = did_you_mean(key, [prefix + n for n in names])  # a typo: the one key meant
+        raise ConfigError(f"unknown config key {key}" + (near or (
+            f"; valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")))
     kwargs = {}
     for name, value in d.items():
         tp = hints[name]

@@ -85,7 +85,12 @@ def test_a_ray_run_name_must_be_ascii():
 def test_unknown_yaml_key_is_an_error(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match="unknown config key train.epochz"):
+    with pytest.raises(ConfigError, match=r"unknown config key train.epochz; did you mean "
+                                          r"'train.epochs'\?$"):
+        load_config(str(p))
+    p.write_text("train:\n  bogus: 3\n")  # nothing close: the section's keys are listed
+    with pytest.raises(ConfigError, match=r"unknown config key train.bogus; valid keys under "
+                                          r"train: epochs, "):
         load_config(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
@@ -137,6 +142,8 @@ def test_string_settings_take_any_text_from_set():
     ({"checkpoint": "x", "max_prompt_chars": 0}, r"serve.max_prompt_chars must be >= 1, got 0"),
     ({"checkpoint": "x", "precision": "fp16"}, r"serve.precision must be fp32 or bf16, got 'fp16'"),
     ({}, r"checkpoint"),
+    ({"checkpoint": "x", "max_char_limit": "9"},  # `serve run ... max_char_limit=9`
+     r"unknown config key serve.max_char_limit; did you mean 'serve.max_chars_limit'\?$"),
 ])
 def test_bad_serve_args_name_the_field(args, match):
     with pytest.raises(ConfigError, match=match):
