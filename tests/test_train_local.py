@@ -300,17 +300,18 @@ def test_sigterm_and_sighup_save_like_ctrl_c_and_the_rerun_resumes(corpus_path, 
     import signal
     import subprocess
     import sys
-    import time
     sig = getattr(signal, sig)
     args = ["--config", "configs/tiny.yaml", "--corpus", str(corpus_path), "--storage",
             str(tmp_path), "--name", "term", "--set", "train.sample_chars=0"]
-    p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "500"],
+    p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--epochs", "500",
+                          "--set", "train.log_every_steps=10"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().startswith("corpus ")
-        while not p.stdout.readline().startswith("epoch "):  # its first checkpoint is saved
+        # Its first checkpoint is saved, and it is a few steps into the second epoch: a progress
+        # line says so (a fixed sleep raced a whole 0.3 s epoch of `tiny`, and sometimes lost).
+        while not p.stdout.readline().startswith("  epoch 2/"):
             pass
-        time.sleep(0.3)  # into the second epoch
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
