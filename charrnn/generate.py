@@ -188,12 +188,12 @@ def generate(
         pending.clear()
 
     total = max([0] + [p.max_new_chars for p in params])
-    for ids in sample_ids(model, vocab, prompts, params, device, dtype):
+    for step, ids in enumerate(sample_ids(model, vocab, prompts, params, device, dtype), 1):
         pending.append(ids)
         if len(pending) == CHUNK_STEPS:
             pack()
             if progress is not None:
-                progress(sum(c.shape[1] for c in chunks), total)
+                progress(step, total)
     if pending:
         pack()
     if not chunks:
