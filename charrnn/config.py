@@ -129,9 +129,11 @@ class RunConfig:
 
     def __post_init__(self):
         # The name is one directory (or key prefix) under `run.storage`: `..` would put the run in
-        # the storage's parent and `.` over the storage itself, beside the other runs.
-        want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name,
-             "a non-empty name without '/', other than '.' or '..'")
+        # the storage's parent and `.` over the storage itself, beside the other runs. A newline
+        # or tab in it split the log lines that name the run, and a NUL failed in `os.mkdir`.
+        want(self, "run.name", self.name not in ("", ".", "..") and "/" not in self.name
+             and self.name.isprintable(),
+             "a non-empty name of printable characters without '/', other than '.' or '..'")
         want(self, "run.storage", bool(self.storage), "set (a directory or s3://bucket/prefix)")
         bad = self.s3_endpoint_url and urls.problem(
             self.s3_endpoint_url, path=False,

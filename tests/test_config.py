@@ -53,7 +53,9 @@ def test_overrides_are_typed():
     ("data.corpus=", r"data.corpus must be set .*got ''"),  # was "--corpus  is a directory"
     ("train.eval_max_chars=50", r"train.eval_max_chars must be 0 \(all\) or at least data.seq_len \(100\)"),
     # a run name is one directory under run.storage: never its parent, itself or a nested path
-    ("run.name=..", r"run.name must be a non-empty name without '/', other than '.' or '..', got '..'"),
+    ("run.name=..", r"run.name must be a non-empty name of printable characters without '/', "
+                    r"other than '.' or '..', got '..'"),
+    ("run.name=a\nb", r"run.name must be .*got 'a\\nb'"),  # a newline split the log lines
     ("run.name=.", r"run.name must be .*got '.'"),
     ("run.name=a/b", r"run.name must be .*got 'a/b'"),
     # an endpoint is checked with the config, before the corpus is read; a password is not shown
