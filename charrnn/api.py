@@ -110,6 +110,8 @@ def parse(body: bytes, cfg: ServeConfig) -> tuple[GenerateRequest, list[str], Sa
     """A request body -> the request, its prompts and its decoding settings, within the
     deployment's limits; else an `HTTPError` (400 for malformed JSON, 413, 422)."""
     check_size(len(body), cfg)
+    if not body.strip():  # `curl -X POST` without -d: was "EOF while parsing a value at line 1"
+        raise HTTPError(400, 'empty request body: send a JSON object, e.g. {"prompt": "alice"}')
     try:
         req = GenerateRequest.model_validate_json(body)
     except ValidationError as e:

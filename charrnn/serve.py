@@ -120,8 +120,10 @@ class CharRNNServer:
             where = (f" (a relative path, read in the replica's directory {os.getcwd()}: give an "
                      "absolute path or an s3:// URI)" if "://" not in uri and not
                      os.path.isabs(os.path.expanduser(uri)) else "")
-            self.load_error = f"{uri}: {e}{where}"
-            log.warning("keeping %s: %s", self.current.info["checkpoint"], self.load_error)
+            error = f"{e}{where}" if uri in str(e) else f"{uri}: {e}{where}"
+            if error != self.load_error:  # once per new reason, not at every watch interval
+                log.warning("keeping %s: %s", self.current.info["checkpoint"], error)
+            self.load_error = error
 
     @property
     def source_error(self) -> str | None:

@@ -19,6 +19,8 @@ def test_a_good_body_gives_prompts_and_decoding_settings():
 
 @pytest.mark.parametrize("body,status,match", [
     (b"{not json", 400, "malformed JSON"),
+    (b"", 400, r'^empty request body: send a JSON object, e.g. \{"prompt": "alice"\}$'),
+    (b" \r\n", 400, "^empty request body"),
     (b'{"prompt": "a", "max_char": 20}', 422, "max_char: Extra inputs are not permitted"),
     (b'{"prompt": "a", "max_chars": true}', 422, "max_chars: Input should be a valid integer"),
     (b'{"prompt": "a", "max_chars": 20.0}', 422, "max_chars: Input should be a valid integer"),

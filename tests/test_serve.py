@@ -195,6 +195,30 @@ def test_hot_swap_when_winner_changes(app, run_dir):
     (run_dir / "winner.json").write_text(json.dumps(manifest))  # restore
     wait_for(lambda: requests.get(app + "/model").json()["checkpoint"] == old["checkpoint"],
              30, "the swap back")
+    # A damaged winner.json keeps the model serving, and the reason is logged once, not at every
+    # watch interval (0.5 s here), and named once in GET /model ("X: X: not a valid ...").
+    log = _replica_log("charrnn")
+    before = log.read_text().count("keeping")
+    try:
+        (run_dir / "winner.json").write_text('{"checkpoint": ')
+        wait_for(lambda: requests.get(app + "/model").json()["source_error"], 30, "the error")
+        time.sleep(2)
+        m = requests.get(app + "/model").json()
+        assert m["checkpoint"] == old["checkpoint"]
+        assert m["source_error"].count(str(run_dir / "winner.json")) == 1, m["source_error"]
+        assert "not a valid winner manifest" in m["source_error"]
+        assert log.read_text().count("keeping") - before == 1
+    finally:
+        (run_dir / "winner.json").write_text(json.dumps(manifest))
+    wait_for(lambda: requests.get(app + "/model").json()["source_error"] is None, 30, "recovery")
+
+
+def _replica_log(app_name: str) -> Path:
+    """The log file of the one replica of Serve app `app_name`, in this cluster's session."""
+    import ray
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    (path,) = logs.glob(f"replica_{app_name}_*.log")
+    return path
 
 
 def test_swap_through_user_config(serve_base, run_dir):
@@ -220,6 +244,7 @@ def test_swap_through_user_config(serve_base, run_dir):
              "the bad user_config")
     m = requests.get(serve_base + "/uc/model").json()
     assert m["checkpoint"] == str(ckpts[-1]) and "does not exist" in m["source_error"]
+    assert m["source_error"].count(missing) == 1, m["source_error"]  # was "X: no checkpoint at X"
     r = requests.post(serve_base + "/uc/generate", json={"prompt": "a", "max_chars": 5})
     assert r.status_code == 200 and r.json()["model"]["checkpoint"] == str(ckpts[-1])
     from ray.serve.schema import ApplicationStatus
