@@ -225,7 +225,9 @@ def apply_override(d: dict, assignment: str) -> None:
 def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
     d: dict = {}
-    if path:
+    if path == "":  # `--config ""` trained with the code's defaults, as if no file were named
+        raise ConfigError("the config path is empty: give a YAML file (e.g. configs/alice.yaml)")
+    if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}" + (" (a directory)" if p.is_dir() else ""))

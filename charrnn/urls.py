@@ -39,5 +39,8 @@ def problem(url: str, path: bool = True, credentials: str = "") -> str | None:
 
 
 def redacted(url: str) -> str:
-    """`url` for a message: any user name and password before the host become `***`."""
+    """`url` for a message: any user name and password before the host become `***`; an empty
+    one is `''` (it read "--serve-url  is not a valid URL")."""
+    if not url:
+        return "''"
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1***@", url)

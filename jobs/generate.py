@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
+    if args.prompts_file == "":  # was "give --prompt, --prompts-file or --random-prompt"
+        raise CharrnnError("--prompts-file is empty: give a file, or - to read stdin")
     if args.prompts_file:
         name = "stdin" if args.prompts_file == "-" else args.prompts_file
         try:
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     except SampleParamError as e:
         raise CharrnnError(e.message(FLAGS)) from None
     prompts = read_prompts(args)
-    if args.serve_url:
+    if args.serve_url is not None:  # "" too: it is a bad URL, not "no --serve-url"
         if args.random_prompt or not prompts:
             raise CharrnnError("--serve-url needs --prompt or --prompts-file")
         from charrnn.client import iter_remote

@@ -96,6 +96,8 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"^the config path is empty: give a YAML file"):
+        load_config("")  # `--config ""` trained with the code's defaults
 
 
 @pytest.mark.parametrize("content,match", [

@@ -501,6 +501,12 @@ def test_generate_cli_errors(tiny_run, tmp_path, capfd):
         "error: no checkpoint given: the URI is empty")
     assert "prompts-file" in _error_line(call_job(
         capfd, "generate.py", "--checkpoint", run, "--prompts-file", str(tmp_path / "nope.txt")))
+    # Empty values were read as not given: "give --prompt, --prompts-file or --random-prompt",
+    # and `--serve-url ""` went on to load checkpoint None (AttributeError traceback).
+    assert _error_line(call_job(capfd, "generate.py", "--checkpoint", run, "--prompts-file", "")) == (
+        "error: --prompts-file is empty: give a file, or - to read stdin")
+    assert _error_line(call_job(capfd, "generate.py", "--serve-url", "", "--prompt", "a")) == (
+        "error: --serve-url '' is not a valid URL; expected http(s)://HOST[:PORT]/PATH")
 
 
 def test_a_ray_address_with_no_cluster_is_one_line(monkeypatch):
