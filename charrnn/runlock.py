@@ -29,6 +29,7 @@ UNSUPPORTED = ("NotImplemented", "501", "InvalidArgument", "InvalidRequest")  # 
 NOT_FOUND = ("404", "NoSuchKey", "NotFound")  # the lease object is not there
 RENEW_S = 30.0
 STALE_S = 120.0
+GRACE_S = 10.0  # a live holder's lease is at most RENEW_S + this old (a slow PUT, 1 s timestamps)
 
 
 @contextlib.contextmanager
@@ -84,6 +85,7 @@ def _holder(raw: bytes) -> str:
 def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
     """Create the lease, or take over a stale one; the ETag it then has."""
     import botocore.exceptions
+    waited = False
     for _ in range(3):  # the holder may let go between our tries
         etag = put(IfNoneMatch="*")
         if etag is not None:
@@ -98,6 +100,17 @@ def _acquire(client, bucket: str, key: str, put, name: str, uri: str) -> str:
         holder = _holder(raw)
         now = email.utils.parsedate_to_datetime(lease["ResponseMetadata"]["HTTPHeaders"]["date"])
         age = (now - lease["LastModified"]).total_seconds()  # both by the store's clock
+        if RENEW_S + GRACE_S < age < STALE_S and not waited:
+            # Renewals stopped: its holder was most likely killed (OOM, a lost node or pod), and
+            # the retry that follows such a failure (a RayJob's backoffLimit, a resubmission)
+            # failed here for up to STALE_S. A holder that is alive renews meanwhile, and the
+            # check below still refuses it.
+            runlog.say(f"the lease of {holder} on {uri}/{LOCK} was last renewed {age:.0f} s ago "
+                       f"(every {RENEW_S:.0f} s while it trains): waiting {STALE_S - age:.0f} s "
+                       "to take it over")
+            time.sleep(STALE_S - age + 1)
+            waited = True
+            continue
         if age < STALE_S or (etag := put(IfMatch=lease["ETag"])) is None:
             raise _busy(name, f"{holder}; its lease {uri}/{LOCK} was renewed {age:.0f} s ago")
         runlog.say(f"taking over the lease of {holder} on {uri}/{LOCK}: not renewed for {age:.0f} s")

@@ -283,6 +283,44 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
     assert "does not support conditional writes (NotImplemented): no run lock" in capsys.readouterr().out
 
 
+def test_a_lease_whose_renewals_stopped_is_waited_for_then_taken_over(s3, monkeypatch):
+    """A trainer killed outright (OOM, a lost node or pod) leaves its lease behind, and the retry
+    that follows (a RayJob's backoffLimit, a resubmission) failed with "being trained by another
+    process" until STALE_S had passed. It now waits for the lease to go stale and takes it over,
+    unless the holder renews it meanwhile: then it is alive, and refused as before."""
+    import threading
+
+    from charrnn import runlock
+    monkeypatch.setattr(runlock, "RENEW_S", 1.0)
+    monkeypatch.setattr(runlock, "GRACE_S", 0.0)
+    monkeypatch.setattr(runlock, "STALE_S", 4.0)
+    client, key, uri = s3_client(s3), "runs/dead/.lock", "s3://charrnn/runs/dead"
+    client.put_object(Bucket="charrnn", Key=key, Body=b'{"owner": "killed"}')
+    time.sleep(2.2)  # two renewals missed (the store's clock counts whole seconds)
+    said = []
+    monkeypatch.setattr(runlock.runlog, "say", said.append)
+    start = time.monotonic()
+    with runlock.run_lock(uri, "dead") as owner:
+        assert owner != "killed" and time.monotonic() - start >= 1.0
+        assert runlock.lease_lost(uri, owner) is None
+    assert re.fullmatch(r"the lease of killed on s3://charrnn/runs/dead/.lock was last renewed "
+                        r"[23] s ago \(every 1 s while it trains\): waiting [12] s to take it over",
+                        said[0]), said
+    assert said[1].startswith("taking over the lease of killed on s3://charrnn/runs/dead/.lock")
+    client.put_object(Bucket="charrnn", Key=key, Body=b'{"owner": "slow"}')
+    time.sleep(2.2)
+    renewal = threading.Timer(0.5, lambda: client.put_object(Bucket="charrnn", Key=key,
+                                                             Body=b'{"owner": "slow"}'))
+    renewal.start()
+    with pytest.raises(CharrnnError, match=r"^run 'dead' is being trained by another process now "
+                                           r"\(slow; its lease s3://charrnn/runs/dead/.lock was "
+                                           r"renewed \d s ago\)"):
+        with runlock.run_lock(uri, "dead"):
+            pass
+    renewal.join()
+    client.delete_object(Bucket="charrnn", Key=key)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_trainer_that_lost_its_s3_lease_stops_without_saving(s3, corpus_path, workers, request):
     """A trainer cut off from the store (or paused) for STALE_S loses its lease to the next
