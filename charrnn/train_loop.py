@@ -23,7 +23,7 @@ from charrnn.budget import TimeBudget
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
 from charrnn.dist import Backend, LocalBackend, RayBackend, unwrap
-from charrnn.errors import CheckpointError, Interrupted, RunLockLost, TrainingDiverged
+from charrnn.errors import CheckpointError, Interrupted, RunLockLost, StorageError, TrainingDiverged
 from charrnn.generate import generate
 from charrnn.model import CharRNN
 from charrnn.sampling import SampleParams
@@ -279,7 +279,13 @@ class Trainer:
                         "invocation_elapsed_s": self.budget.used_s()}
                 checkpoint.save(tmp, unwrap(self.model), self.cfg, self.vocab, meta, self.opt,
                                 self.sched)
-            self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete
+            try:
+                self.b.report(metrics, tmp, name)  # returns once rank 0's upload is complete
+            except StorageError as e:  # the store went away, a full disk: say what is kept
+                kept = f"step {self.history[-1]['step']:,}" if self.history else "the start"
+                raise StorageError(f"could not store {name} (step {self.step:,}), so the run "
+                                   f"stopped: {e}; once that is fixed, the same command resumes "
+                                   f"from {kept}") from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp.parent, ignore_errors=True)

@@ -222,7 +222,7 @@ def test_user_config_values_that_are_not_uris_are_named_not_followed(tmp_path, m
     srv = types.SimpleNamespace(_swap_if_new=checkpoint.resolve, load_error=None,
                                 current=types.SimpleNamespace(info={"checkpoint": "/runs/a"}))
     cls._follow(srv, "runs/x")
-    assert srv.load_error == (f"runs/x: no checkpoint at runs/x: the path does not exist (a "
+    assert srv.load_error == (f"no checkpoint at runs/x: the path does not exist (a "
                               f"relative path, read in the replica's directory {tmp_path}: give "
                               "an absolute path or an s3:// URI)")
     cls._follow(srv, str(tmp_path / "runs/x"))

@@ -601,6 +601,32 @@ def test_one_run_is_trained_by_one_process_at_a_time(corpus_path, tmp_path):
     assert (tmp_path / "busy" / "winner.json").is_file()
 
 
+def test_a_checkpoint_the_store_refuses_stops_the_run_naming_what_is_kept(corpus_path, tmp_path,
+                                                                        monkeypatch):
+    """The store went away mid-run (or its disk filled): the error was the store's own message
+    ("s3://b/runs/x/checkpoint_00002286: When getting information for key ... curlCode: 7"),
+    which said neither that the run had stopped nor where it would resume."""
+    from charrnn import dist
+    from charrnn.errors import StorageError
+    real, calls = dist.storage.upload_dir, []
+
+    def upload_dir(local, uri):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise StorageError(f"{uri}: Could not connect to server")
+        real(local, uri)
+    monkeypatch.setattr(dist.storage, "upload_dir", upload_dir)
+    with pytest.raises(StorageError) as e:
+        fit(_cfg(corpus_path, tmp_path, "gone", "train.epochs=3"))
+    assert str(e.value) == (
+        f"could not store checkpoint_00000254 (step 254), so the run stopped: {tmp_path}/gone/"
+        "checkpoint_00000254: Could not connect to server; once that is fixed, the same command "
+        "resumes from step 127")
+    monkeypatch.setattr(dist.storage, "upload_dir", real)
+    fit(_cfg(corpus_path, tmp_path, "gone", "train.epochs=3"))  # and it does
+    assert json.loads((tmp_path / "gone" / "winner.json").read_text())["step"] == 381
+
+
 @pytest.mark.parametrize("index", [
     "garbage", "5", "{}", '[{"name": 5, "val_loss": 1}]', '[{"name": "checkpoint_00000018"}]',
     # the keeper prunes entries it no longer keeps: a name outside the run would be deleted
