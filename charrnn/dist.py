@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +26,15 @@ import torch
 from charrnn import runlog, storage
 from charrnn.checkpoint import CHECKPOINT_NAME, WINNER, missing_files, read_winner, saved_config
 from charrnn.data import local_index_batches
-from charrnn.errors import CharrnnError, CheckpointError, RunLockLost, TrainingDiverged
+from charrnn.errors import CharrnnError, CheckpointError, RunLockLost, StorageError, TrainingDiverged
 from charrnn.generate import pick_device
 
 KEEPER_INDEX = "checkpoints.json"  # the local keeper's record of a run's checkpoints
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's (tests pin it to Ray's name)
 STOPPED = "stopped.json"  # rank 0's note of the error that ended a Ray run (`Backend.stop`)
+# Local mode's waits before storing a checkpoint in S3 again: an object store restarting (a MinIO
+# pod rescheduled) or a network blip of under a minute no longer ends a run.
+UPLOAD_RETRY_WAITS_S = (5.0, 15.0, 30.0)
 
 
 def resume_point(run_uri: str, run_name: str, ray_mode: bool) -> str | None:
@@ -176,7 +180,7 @@ class LocalBackend(Backend):
     def report(self, metrics: dict, checkpoint_dir: Path | None, name: str) -> None:
         if checkpoint_dir is None:
             return
-        storage.upload_dir(checkpoint_dir, storage.join(self.run_uri, name))
+        self._upload(checkpoint_dir, name)
         # A checkpoint saved again under its name (an evaluation redone after Ctrl-C) replaces
         # its entry: two entries of one directory could get it deleted while it is still kept.
         self.entries = [e for e in self.entries if e["name"] != name]
@@ -189,6 +193,23 @@ class LocalBackend(Backend):
             if e not in kept:
                 storage.delete_dir(storage.join(self.run_uri, e["name"]))
         self.entries = kept
+
+    def _upload(self, checkpoint_dir: Path, name: str) -> None:
+        """Store the checkpoint; to S3, tried again after each of `UPLOAD_RETRY_WAITS_S` (an
+        upload cut short leaves nothing: `storage.upload_dir`). A local disk that is full stays
+        full: its error is raised at once."""
+        uri = storage.join(self.run_uri, name)
+        waits = () if storage.local_path(uri) is not None else UPLOAD_RETRY_WAITS_S
+        for attempt, wait in enumerate([*waits, None], 1):
+            try:
+                storage.upload_dir(checkpoint_dir, uri)
+                return
+            except StorageError as e:
+                if wait is None:
+                    raise
+                runlog.say(f"warning: cannot store {name} ({e}); trying again in {wait:.0f} s "
+                           f"(attempt {attempt + 1} of {len(waits) + 1})")
+                time.sleep(wait)
 
     @contextlib.contextmanager
     def resume_checkpoint(self) -> Iterator[Path | None]:

@@ -283,6 +283,33 @@ def test_an_s3_run_is_trained_by_one_process_at_a_time(s3, corpus_path, monkeypa
     assert "does not support conditional writes (NotImplemented): no run lock" in capsys.readouterr().out
 
 
+def test_a_checkpoint_upload_to_s3_is_tried_again_before_the_run_stops(s3, corpus_path,
+                                                                       monkeypatch, capsys):
+    """An object store that restarts (a MinIO pod rescheduled) or a network blip ended a local
+    run at its next checkpoint; the upload is now tried again after each of the waits."""
+    from charrnn import dist
+    real, failures = dist.storage.upload_dir, {"left": 2}
+
+    def flaky(local, uri):
+        if uri.endswith("checkpoint_00000254") and failures["left"]:
+            failures["left"] -= 1
+            raise StorageError(f"{uri}: Could not connect to server")
+        real(local, uri)
+    monkeypatch.setattr(dist.storage, "upload_dir", flaky)
+    monkeypatch.setattr(dist, "UPLOAD_RETRY_WAITS_S", (0.1, 0.2))
+    fit(_cfg(corpus_path, "s3://charrnn/runs", "blip", "train.epochs=3"))
+    out = capsys.readouterr().out
+    assert ("warning: cannot store checkpoint_00000254 (s3://charrnn/runs/blip/checkpoint_00000254"
+            ": Could not connect to server); trying again in 0 s (attempt 2 of 3)") in out
+    assert "(attempt 3 of 3)" in out
+    assert checkpoint.read_winner("s3://charrnn/runs/blip/winner.json")["step"] == 381
+    failures["left"] = 3  # down for longer than the waits: the run stops, naming what is kept
+    with pytest.raises(StorageError, match=r"^could not store checkpoint_00000254 \(step 254\), "
+                                           r"so the run stopped: .*; once that is fixed, the same "
+                                           r"command resumes from step 127$"):
+        fit(_cfg(corpus_path, "s3://charrnn/runs", "down", "train.epochs=3"))
+
+
 def test_a_lease_whose_renewals_stopped_is_waited_for_then_taken_over(s3, monkeypatch):
     """A trainer killed outright (OOM, a lost node or pod) leaves its lease behind, and the retry
     that follows (a RayJob's backoffLimit, a resubmission) failed with "being trained by another
