@@ -141,6 +141,10 @@ class Trainer:
             runlog.say(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
                        f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
                        f"{t.epochs} epochs, device {self.b.device}")
+            share = -(-self.K // self.b.world)  # a worker's windows per epoch
+            if t.batch_size > share:  # the batch (and the step count) is not what was asked
+                runlog.say(f"note: train.batch_size {t.batch_size:,} is more than the {share:,} "
+                           "windows a worker has per epoch: each epoch is one step of them all")
             if self.epoch >= t.epochs:
                 runlog.say(f"run {self.cfg.run.name!r} has already trained its {t.epochs} epochs; "
                            "--epochs N (N > that) trains it further")

@@ -601,6 +601,14 @@ def test_one_run_is_trained_by_one_process_at_a_time(corpus_path, tmp_path):
     assert (tmp_path / "busy" / "winner.json").is_file()
 
 
+def test_a_batch_larger_than_an_epoch_is_noted(corpus_path, tmp_path, capsys):
+    """`train.batch_size=100000` on a 4,061-window corpus trained one step per epoch, said only
+    as "1 steps/epoch"."""
+    fit(_cfg(corpus_path, tmp_path, "big", "train.epochs=1", "train.batch_size=100000"))
+    assert ("note: train.batch_size 100,000 is more than the 4,061 windows a worker has per epoch: "
+            "each epoch is one step of them all") in capsys.readouterr().out
+
+
 def test_a_checkpoint_the_store_refuses_stops_the_run_naming_what_is_kept(corpus_path, tmp_path,
                                                                         monkeypatch):
     """The store went away mid-run (or its disk filled): the error was the store's own message
