@@ -101,8 +101,9 @@ class TrainConfig:
         want(self, "train.warmup_steps", self.warmup_steps >= 0, ">= 0")
         want(self, "train.weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              "a finite number >= 0")
-        want(self, "train.grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)")
-        want(self, "train.max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)")
+        want(self, "train.grad_clip", 0 <= self.grad_clip < math.inf,
+             "a finite number >= 0 (0 disables clipping)")
+        want(self, "train.max_minutes", 0 <= self.max_minutes < math.inf, "a finite number >= 0 (0: no limit)")
         want(self, "train.precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
         want(self, "train.threads", self.threads >= 0, ">= 0 (0: the worker's CPU share)")
         want(self, "train.log_every_steps", self.log_every_steps >= 0, ">= 0 (0 disables)")
@@ -155,9 +156,10 @@ class ScalingConfig:
 
     def __post_init__(self):
         want(self, "scaling.workers", self.workers >= 0, ">= 0 (0: local mode)")
-        want(self, "scaling.gpus_per_worker", self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-             ">= 0 or unset")
-        want(self, "scaling.cpus_per_worker", self.cpus_per_worker > 0, "> 0")
+        want(self, "scaling.gpus_per_worker",
+             self.gpus_per_worker is None or 0 <= self.gpus_per_worker < math.inf,
+             "a finite number >= 0, or unset")
+        want(self, "scaling.cpus_per_worker", 0 < self.cpus_per_worker < math.inf, "a finite number > 0")
 
 
 @dataclass
@@ -279,9 +281,12 @@ class ServeConfig:
 
     def __post_init__(self):
         check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")
-        want(self, "serve.watch_interval_s", self.watch_interval_s >= 0, ">= 0 (0: never)")
+        # inf would make the watcher thread die (OverflowError) and a lone request wait forever
+        want(self, "serve.watch_interval_s", 0 <= self.watch_interval_s < math.inf,
+             "a finite number >= 0 (0: never)")
         want(self, "serve.max_batch_size", self.max_batch_size >= 1, ">= 1")
-        want(self, "serve.batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0")
+        want(self, "serve.batch_wait_timeout_s", 0 <= self.batch_wait_timeout_s < math.inf,
+             "a finite number >= 0")
         want(self, "serve.max_chars_limit", self.max_chars_limit >= 1, ">= 1")
         want(self, "serve.max_prompts", self.max_prompts >= 1, ">= 1")
         want(self, "serve.max_prompt_chars", self.max_prompt_chars >= 1, ">= 1")

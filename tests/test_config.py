@@ -42,7 +42,14 @@ def test_overrides_are_typed():
     # one field per message, with the value the user gave
     ("model.hidden_size=-1", r"model.hidden_size must be >= 1, got -1"),
     ("model.num_layers=0", r"model.num_layers must be >= 1, got 0"),
-    ("train.grad_clip=-1", r"train.grad_clip must be >= 0 .*got -1.0"),
+    ("train.grad_clip=-1", r"train.grad_clip must be a finite number >= 0 .*got -1.0"),
+    # inf was accepted: an LR schedule whose time progress stayed 0, a Ray resource request
+    # no cluster could supply
+    ("train.max_minutes=inf", r"train.max_minutes must be a finite number >= 0 \(0: no limit\), "
+                              r"got inf"),
+    ("scaling.cpus_per_worker=inf", r"scaling.cpus_per_worker must be a finite number > 0, got inf"),
+    ("scaling.gpus_per_worker=.inf", r"scaling.gpus_per_worker must be a finite number >= 0, or "
+                                     r"unset, got inf"),
     ("train.lr=.inf", r"train.lr must be a finite number > 0, got inf"),
     ("train.lr=.nan", r"train.lr must be a finite number > 0, got nan"),
     ("train.sample_chars=-3", r"train.sample_chars must be >= 0, got -3"),
@@ -146,6 +153,11 @@ def test_string_settings_take_any_text_from_set():
     ({"checkpoint": "x", "max_prompt_chars": 0}, r"serve.max_prompt_chars must be >= 1, got 0"),
     ({"checkpoint": "x", "precision": "fp16"}, r"serve.precision must be fp32 or bf16, got 'fp16'"),
     ({}, r"checkpoint"),
+    # inf: the watcher thread died (OverflowError) and a lone request waited for a full batch
+    ({"checkpoint": "x", "watch_interval_s": "inf"},
+     r"serve.watch_interval_s must be a finite number >= 0 \(0: never\), got inf"),
+    ({"checkpoint": "x", "batch_wait_timeout_s": float("inf")},
+     r"serve.batch_wait_timeout_s must be a finite number >= 0, got inf"),
     ({"checkpoint": "x", "max_char_limit": "9"},  # `serve run ... max_char_limit=9`
      r"unknown config key serve.max_char_limit; did you mean 'serve.max_chars_limit'\?$"),
 ])
