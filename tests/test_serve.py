@@ -200,7 +200,9 @@ def test_hot_swap_when_winner_changes(app, run_dir):
     log = _replica_log("charrnn")
     before = log.read_text().count("keeping")
     try:
-        (run_dir / "winner.json").write_text('{"checkpoint": ')
+        tmp = run_dir / "winner.json.tmp"  # replaced whole: the watcher never reads it half-written
+        tmp.write_text('{"checkpoint": ')
+        tmp.replace(run_dir / "winner.json")
         wait_for(lambda: requests.get(app + "/model").json()["source_error"], 30, "the error")
         time.sleep(2)
         m = requests.get(app + "/model").json()
