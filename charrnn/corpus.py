@@ -61,7 +61,8 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
         if not book.isdigit():
             raise CorpusError(f"--corpus {source}: expected gutenberg:<numeric id>, e.g. gutenberg:11")
         url = GUTENBERG_URL.format(id=book)
-        return _cached_download(url, Path(cache_dir).expanduser() / "gutenberg" / f"pg{book}.txt")
+        return _cached_download(url, Path(cache_dir).expanduser() / "gutenberg" / f"pg{book}.txt",
+                                check=_a_book)
     if source.startswith(("http://", "https://")):
         bad = urls.problem(source, credentials=f"{urls.SAVED}: download the text and pass --corpus PATH")
         if bad:
@@ -89,7 +90,18 @@ def fetch_bytes(source: str, cache_dir: str = "~/.cache/charrnn") -> bytes:
         raise CorpusError(f"cannot read corpus {source}: {e.strerror}") from None
 
 
-def _cached_download(url: str, cache: Path) -> bytes:
+def _a_book(url: str, data: bytes) -> None:
+    """A Project Gutenberg download must be a text, not a web page: a proxy's login page or a
+    mirror's error page, answered with 200, was cached and trained on as the book."""
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        raise CorpusError(f"{url} answered with a web page, not the book's text (it begins "
+                          f"{data[:40].decode('utf-8', 'replace')!r}); if a proxy or mirror is "
+                          "in the way, download the text and pass --corpus PATH")
+
+
+def _cached_download(url: str, cache: Path, check=None) -> bytes:
+    """`url`'s body, from the cache when it is there; a body `check` refuses is not cached."""
     if cache.is_file():
         return cache.read_bytes()
     from charrnn import runlog
@@ -107,6 +119,8 @@ def _cached_download(url: str, cache: Path) -> bytes:
                else "if this machine is offline,")
         raise CorpusError(f"cannot download {url} ({getattr(e, 'reason', e)}); {way} pass "
                           "--corpus PATH to a local copy of the text") from None
+    if check is not None:
+        check(url, data)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,17 @@ def test_gutenberg_download_is_cached(tmp_path, http_server, monkeypatch):
     assert not (tmp_path / "cache/gutenberg/pg12.txt").exists()
     url_cfg = DataConfig(corpus=base + "/cache/epub/11/pg11.txt", cache_dir=str(tmp_path / "c2"))
     assert corpus.load_text(url_cfg) == "alice was\nhere.\ndone\n"
+    # A web page answered with 200 (a proxy's login page, a mirror's error page) was cached and
+    # trained on as the book.
+    page = tmp_path / "www/cache/epub/13/pg13.txt"
+    page.parent.mkdir(parents=True)
+    page.write_bytes(b"\r\n<!DOCTYPE html>\n<html><body>Please sign in</body></html>\n")
+    with pytest.raises(CorpusError, match=r"^http://.*/pg13.txt answered with a web page, not the "
+                                          r"book's text \(it begins '\\r\\n<!DOCTYPE html>.*'\); "
+                                          r"if a proxy or mirror is in the way, download the text "
+                                          r"and pass --corpus PATH$"):
+        corpus.load_text(DataConfig(corpus="gutenberg:13", cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache/gutenberg/pg13.txt").exists()
 
 
 def test_a_cache_that_cannot_be_written_costs_only_the_reuse(tmp_path, http_server, capsys):
