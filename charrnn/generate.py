@@ -88,6 +88,9 @@ class Stepper:
 
 
 PREFILL_CHUNK = 4096  # prompt characters per prefill pass (the Serve limit is 4,000 a prompt)
+# Prompt positions (rows x characters) per prefill call: Serve's largest group (64 prompts of
+# 4,000) fits in one; 20,000 prompts of a few hundred characters held 2.4 GB at once.
+PREFILL_POSITIONS = 1 << 18
 
 
 def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
@@ -97,23 +100,28 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
 
     Prompts longer than PREFILL_CHUNK go through in passes of that many characters, the state
     carried, the rows whose prompts have ended left out: nn.LSTM holds (B, T, 4H) gates and
-    (B, T, H) outputs for a pass, which for one 1 MB prompt at H=256 was about 8 GB at once."""
+    (B, T, H) outputs for a pass, which for one 1 MB prompt at H=256 was about 8 GB at once.
+    A pass feeds its rows in groups of at most PREFILL_POSITIONS rows x characters."""
     texts = [p or vocab.start for p in prompts]
     lengths = torch.tensor([len(t) for t in texts])
     ids = [torch.from_numpy(vocab.encode(t).astype(np.int64)) for t in texts]
     last, state = None, None
     for start in range(0, int(lengths.max()), PREFILL_CHUNK):
-        rows = (lengths > start).nonzero()[:, 0]  # prompts not yet fed to their end
-        n = (lengths[rows] - start).clamp(max=PREFILL_CHUNK)  # (R,) characters in this pass
-        x = torch.zeros(len(rows), int(n.max()), dtype=torch.long)
-        for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
-            x[r, :k] = ids[b][start: start + k]
-        logits, part = model(x.to(device), _rows(state, rows), lengths=n)  # (R, T, V)
-        part_last = logits[torch.arange(len(rows)), n.to(device) - 1]  # (R, V)
-        if state is None:  # the first pass feeds every row
-            last, state = part_last, part
-        else:
-            last[rows.to(device)] = part_last
+        active = (lengths > start).nonzero()[:, 0]  # prompts not yet fed to their end
+        counts = (lengths[active] - start).clamp(max=PREFILL_CHUNK)  # characters in this pass
+        per = max(1, PREFILL_POSITIONS // int(counts.max()))  # rows per group
+        for g in range(0, len(active), per):
+            rows, n = active[g: g + per], counts[g: g + per]  # (R,), (R,)
+            x = torch.zeros(len(rows), int(n.max()), dtype=torch.long)
+            for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
+                x[r, :k] = ids[b][start: start + k]
+            logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
+            if state is None:  # the first group: room for every row (zeros: nn.LSTM's start)
+                last = logits.new_zeros(len(texts), logits.shape[-1])  # (B, V)
+                state = (tuple(s.new_zeros(s.shape[0], len(texts), s.shape[2]) for s in part)
+                         if isinstance(part, tuple) else
+                         part.new_zeros(part.shape[0], len(texts), part.shape[2]))
+            last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
     return last, state
 

@@ -76,9 +76,16 @@ def test_long_prompts_are_prefilled_in_passes_with_the_same_result(model, monkey
         whole_last, whole_state = gen.prefill(model, VOCAB, prompts, "cpu")
         monkeypatch.setattr(gen, "PREFILL_CHUNK", 8)  # 7 passes; rows drop out at 1, 2 and 3
         last, state = gen.prefill(model, VOCAB, prompts, "cpu")
-    torch.testing.assert_close(last, whole_last, atol=1e-5, rtol=1e-4)
-    for s, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (state, whole_state))):
-        torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-4)
+        # ... and each pass in groups of rows (16 positions: 2 rows of 8, then 1 or 2 at a time)
+        monkeypatch.setattr(gen, "PREFILL_POSITIONS", 16)
+        grouped_last, grouped_state = gen.prefill(model, VOCAB, prompts, "cpu")
+        # The logits after a prompt's last character are the head over its final output.
+        logits, _ = model(torch.tensor([VOCAB.encode(prompts[2]).tolist()]))
+    torch.testing.assert_close(whole_last[2], logits[0, -1], atol=1e-5, rtol=1e-4)
+    for got_last, got_state in ((last, state), (grouped_last, grouped_state)):
+        torch.testing.assert_close(got_last, whole_last, atol=1e-5, rtol=1e-4)
+        for s, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (got_state, whole_state))):
+            torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-4)
     params = [SampleParams(30, seed=i, temperature=0.5) for i in range(len(prompts))]
     assert generate(model, VOCAB, prompts, params) == [
         generate(model, VOCAB, [p], [q])[0] for p, q in zip(prompts, params)]
