@@ -82,8 +82,8 @@ class TrainConfig:
     seed: int = 1337
     """Seeds weights, window offsets, shuffling and dropout."""
     precision: str = "auto"
-    """`auto` (bf16 autocast where bf16 matmuls are native: recent GPUs, CPUs with AMX; else
-    fp32), `bf16` or `fp32`."""
+    """`auto` (bf16 autocast where bf16 matmuls are native: recent GPUs, CPUs with AMX or
+    AVX512-BF16; else fp32), `bf16` or `fp32`."""
     threads: int = 0
     """torch intra-op threads per worker; 0 picks the worker's CPU share."""
     log_every_steps: int = 50
@@ -273,7 +273,7 @@ class ServeConfig:
     """`auto` (cuda when the replica has a GPU), `cpu` or `cuda`."""
     precision: str = "fp32"
     """Per-character steps in `fp32` (the offline CLI's texts, whatever shares the batch) or
-    `bf16` (faster with many rows on AMX CPUs and GPUs, but a row's text can then depend on the
+    `bf16` (faster with many rows on bf16-capable CPUs and GPUs, but a row's text can then depend on the
     batch it shares: bf16 rounding of the state magnifies the last-bit differences that a lone
     row's matmul kernel and the packed prefill make)."""
     threads: int = 0

@@ -14,10 +14,13 @@ from charrnn.config import TrainConfig
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively: recent GPUs, or CPUs with AMX tiles (Sapphire Rapids
-    and later), where bf16 autocast trains about twice as fast at the same loss per step."""
+    and later) or AVX512-BF16 dot products (AMD Zen 4 and later, Cooper Lake), where bf16
+    autocast trains faster at the same loss per step (`configs/alice.yaml` on 2 cores: about 2x
+    with AMX, 1.3x on Zen 4; BENCHMARKS.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return any(bool(getattr(torch.cpu, probe, lambda: False)())
+               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
