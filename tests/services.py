@@ -125,11 +125,17 @@ def s3_client(env: dict):
                         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
 
 
+def bucket_keys(env: dict, bucket: str) -> list[str]:
+    """The bucket's keys, listed only: safe while a run writes and prunes (a key listed, then
+    pruned before its GET, failed `bucket_objects` with NoSuchKey)."""
+    c = s3_client(env)
+    return [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+
+
 def bucket_objects(env: dict, bucket: str) -> dict[str, bytes]:
     c = s3_client(env)
-    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for o in page.get("Contents", [])]
-    return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+    return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in bucket_keys(env, bucket)}
 
 
 @contextlib.contextmanager
