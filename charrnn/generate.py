@@ -118,20 +118,22 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
             logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
             if state is None:  # the first group: room for every row (zeros: nn.LSTM's start)
                 last = logits.new_zeros(len(texts), logits.shape[-1])  # (B, V)
-                state = (tuple(s.new_zeros(s.shape[0], len(texts), s.shape[2]) for s in part)
-                         if isinstance(part, tuple) else
-                         part.new_zeros(part.shape[0], len(texts), part.shape[2]))
+                state = _each(part, lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]))
             last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
     return last, state
 
 
+def _each(state, fn):
+    """`fn` over each tensor of a state: nn.LSTM's (h, c) or nn.GRU's h, each (L, B, H)."""
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
 def _rows(state, rows: torch.Tensor):
-    """The state (nn.LSTM's (h, c) or nn.GRU's h, each (L, B, H)) of batch rows `rows`."""
+    """The state of batch rows `rows`."""
     if state is None:
         return None
-    rows = rows.to(state[0].device if isinstance(state, tuple) else state.device)
-    return tuple(s[:, rows] for s in state) if isinstance(state, tuple) else state[:, rows]
+    return _each(state, lambda s: s[:, rows.to(s.device)])
 
 
 def _put_rows(state, rows: torch.Tensor, part):

@@ -70,7 +70,8 @@ class Trainer:
         self.K = self.train.num_windows
         # A rank's share: ceil(K / world) windows (`trainer.window_index_array` pads the index
         # list so the shares cover every window), at least one even when K < world.
-        self.steps_per_epoch = math.ceil(-(-self.K // backend.world) / t.batch_size)
+        self.share = -(-self.K // backend.world)
+        self.steps_per_epoch = math.ceil(self.share / t.batch_size)
         self.total_steps = t.epochs * self.steps_per_epoch
         model = CharRNN(cfg.model)
         self.opt, self.sched = optim.build(model, t, self.total_steps, self.budget.progress)
@@ -141,9 +142,8 @@ class Trainer:
             runlog.say(f"training {m.num_params():,} parameters on {self.b.world} worker(s), "
                        f"{self.K:,} windows/epoch, {self.steps_per_epoch} steps/epoch, "
                        f"{t.epochs} epochs, device {self.b.device}")
-            share = -(-self.K // self.b.world)  # a worker's windows per epoch
-            if t.batch_size > share:  # the batch (and the step count) is not what was asked
-                runlog.say(f"note: train.batch_size {t.batch_size:,} is more than the {share:,} "
+            if t.batch_size > self.share:  # the batch (and the step count) is not what was asked
+                runlog.say(f"note: train.batch_size {t.batch_size:,} is more than the {self.share:,} "
                            "windows a worker has per epoch: each epoch is one step of them all")
             if self.epoch >= t.epochs:
                 runlog.say(f"run {self.cfg.run.name!r} has already trained its {t.epochs} epochs; "
