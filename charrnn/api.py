@@ -1,9 +1,11 @@
-"""The HTTP API of the Serve app: the request body, its checks, and the shape of every error.
+"""The HTTP API of the Serve app: the request body, its checks, the shape of every error, and
+quiet for clients that leave mid-stream.
 
 Pure FastAPI/pydantic: `serve.py` mounts `api` on its deployment and turns a checked request
 into engine rows. Every 4xx is `{"error": "<one line>"}`.
 """
 
+import asyncio
 import logging
 import os
 import secrets
@@ -136,3 +138,24 @@ def parse(body: bytes, cfg: ServeConfig) -> tuple[GenerateRequest, list[str], Sa
     except SampleParamError as e:  # named as in the request body
         raise HTTPError(422, e.message({"max_new_chars": "max_chars", "greedy": "greedy: true"})) from None
     return req, prompts, params
+
+
+def quiet_abandoned_streams(loop: asyncio.AbstractEventLoop) -> None:
+    """When a streaming client goes away, @serve.batch ends its stream by setting
+    StopAsyncIteration on a future that nobody awaits any more, and asyncio then logged "Future
+    exception was never retrieved" with a traceback for every disconnected client. That one,
+    harmless, is dropped here; everything else still goes to the loop's handler."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_streams", False):
+        return
+
+    def handler(loop, context):
+        if (isinstance(context.get("exception"), StopAsyncIteration)
+                and "never retrieved" in context.get("message", "")):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    handler.quiets_streams = True
+    loop.set_exception_handler(handler)

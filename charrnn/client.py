@@ -21,9 +21,20 @@ from charrnn.generate import Generator
 from charrnn.sampling import SampleParams
 
 T, R = TypeVar("T"), TypeVar("R")
-RETRY_STATUSES = (502, 503, 504)
+RETRY_STATUSES = (429, 502, 503, 504)
 RETRY_WAITS_S = (0.5, 1.0, 2.0, None)  # None: the last attempt
+RETRY_AFTER_MAX_S = 30.0  # the most a server's Retry-After makes one wait
 PROGRESS_EVERY_S = 10.0
+
+
+def retry_after(r: requests.Response) -> float:
+    """An answer's Retry-After in seconds, at most RETRY_AFTER_MAX_S; 0 when it has none (or
+    gives an HTTP date, or nonsense)."""
+    try:
+        s = float(r.headers.get("Retry-After", 0))
+    except ValueError:
+        return 0.0
+    return min(s, RETRY_AFTER_MAX_S) if s > 0 else 0.0  # NaN > 0 is False
 
 
 def request_body(prompt: str, p: SampleParams, oov: str = "error") -> dict:
@@ -59,14 +70,16 @@ def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str |
     session = requests.Session()
 
     def post(body: dict) -> requests.Response:
-        """POST /generate; a refused connection or a 502/503/504 (a replica restarting, a
-        redeploy, Serve shedding load) is retried after 0.5, 1 and 2 s."""
+        """POST /generate; a refused connection or a 429/502/503/504 (a replica restarting, a
+        redeploy, Serve shedding load) is retried after 0.5, 1 and 2 s, or after the answer's
+        Retry-After when that is longer (Serve's backpressure sends one)."""
         for wait in RETRY_WAITS_S:
             try:
                 r = session.post(url.rstrip("/") + "/generate", json=body, headers=headers,
                                  timeout=timeout)
                 if r.status_code not in RETRY_STATUSES or wait is None:
                     return r
+                wait = max(wait, retry_after(r))
             except requests.ConnectionError as e:
                 if wait is None:
                     errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))

@@ -102,9 +102,15 @@ def _a_book(url: str, data: bytes) -> None:
 
 def _cached_download(url: str, cache: Path, check=None) -> bytes:
     """`url`'s body, from the cache when it is there; a body `check` refuses is not cached."""
-    if cache.is_file():
-        return cache.read_bytes()
     from charrnn import runlog
+    if cache.is_file():
+        data = cache.read_bytes()
+        try:
+            if check is not None:
+                check(url, data)
+            return data
+        except CorpusError:  # an older version cached a web page as the book: fetch it again
+            runlog.say(f"{cache} holds a web page, not the book's text; downloading it again")
     runlog.say(f"downloading {url} (cached as {cache})")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:

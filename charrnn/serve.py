@@ -24,6 +24,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from charrnn import api, checkpoint, s3, storage
 from charrnn.api import HTTPError
@@ -59,6 +60,10 @@ def _public(info: dict) -> dict:
     name="CharRNN",
     # Large enough that a replica holds a full batch plus the next one filling up.
     max_ongoing_requests=256,
+    # Beyond every replica's 256, a bounded queue: a flood gets quick 503s with Retry-After
+    # (`jobs/generate.py --serve-url` waits and retries) instead of latency growing without end.
+    max_queued_requests=512,
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 96,
                         "upscale_delay_s": 10, "downscale_delay_s": 120},
     ray_actor_options={"num_cpus": 1},
@@ -247,6 +252,7 @@ class CharRNNServer:
         rows = await self._parse(request)
         if len(rows) != 1:
             raise HTTPError(422, "/generate/stream takes a single 'prompt'")
+        api.quiet_abandoned_streams(asyncio.get_running_loop())
         info = rows[0].gen.info
 
         async def chars():

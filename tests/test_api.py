@@ -1,9 +1,12 @@
 """The HTTP request checks of the Serve app, without Serve (tests/test_serve.py sends them)."""
+import asyncio
+import gc
 import json
 import re
 
 import pytest
 
+from charrnn import api
 from charrnn.api import HTTPError, parse
 from charrnn.config import ServeConfig
 
@@ -65,7 +68,6 @@ def test_the_bearer_token_check(monkeypatch, caplog):
 def test_a_body_without_content_length_is_read_no_further_than_the_limit():
     """`request.body()` held a chunked body whole before checking its size (2 GB of it took a
     replica from 0.4 to 5.7 GB); an endless one would never be answered."""
-    import asyncio
 
     from starlette.requests import Request
 
@@ -90,3 +92,21 @@ def test_a_body_without_content_length_is_read_no_further_than_the_limit():
 
     request = Request({"type": "http", "method": "POST", "headers": []}, two_parts)
     assert parse(asyncio.run(read_body(request, CFG)), CFG)[1] == ["a"]
+
+
+def test_an_abandoned_stream_logs_no_traceback():
+    """@serve.batch ends a disconnected client's stream by setting StopAsyncIteration on a future
+    nobody awaits; asyncio logged "Future exception was never retrieved" with a traceback in the
+    replica for every such client. Other unretrieved exceptions are still logged."""
+    seen = []
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda loop, context: seen.append(context["exception"]))
+    api.quiet_abandoned_streams(loop)
+    api.quiet_abandoned_streams(loop)  # once per loop: the second call wraps nothing
+    for exc in (StopAsyncIteration, ValueError("real")):
+        fut = loop.create_future()
+        fut.set_exception(exc)
+        del fut
+        gc.collect()
+    loop.close()
+    assert [str(e) for e in seen] == ["real"]

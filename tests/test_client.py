@@ -28,6 +28,8 @@ def server(monkeypatch, tmp_path):
                     if status == 200 else {"error": "busy"})
             out = json.dumps(data).encode()
             self.send_response(status)
+            if status != 200 and srv.retry_after:
+                self.send_header("retry-after", srv.retry_after.pop(0))
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(out)))
             self.end_headers()
@@ -37,7 +39,7 @@ def server(monkeypatch, tmp_path):
             pass
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.statuses, srv.bodies, srv.auth = [], [], []
+    srv.statuses, srv.bodies, srv.auth, srv.retry_after = [], [], [], []
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     srv.tmp = tmp_path
@@ -50,6 +52,22 @@ def test_a_busy_or_restarting_server_is_retried(server):
     texts, model = client.generate_remote(server.url, ["abc"], SampleParams(5, seed=1), oov="drop")
     assert texts == ["ABC"] and model == {"run": "r"}
     assert len(server.bodies) == 3 and server.bodies[-1]["oov"] == "drop"
+
+
+def test_a_retry_after_is_waited_for_within_a_limit(server, monkeypatch):
+    """Serve's backpressure (`max_queued_requests`) answers 503 with Retry-After; a 429 from a
+    gateway's rate limit is retried the same way."""
+    slept = []
+    monkeypatch.setattr(client.time, "sleep", slept.append)
+    monkeypatch.setattr(client, "RETRY_AFTER_MAX_S", 5.0)
+    server.statuses = [503, 429, 503, 503]
+    server.retry_after = ["2", "0.25", "3600", "Wed, 21 Oct 2015 07:28:00 GMT"]
+    with pytest.raises(CharrnnError, match="answered 503: busy"):
+        client.generate_remote(server.url, ["abc"], SampleParams(5))
+    assert slept == [2.0, 0.25, 5.0]  # the longer of the fixture's 0 s and Retry-After, capped
+    server.statuses, server.retry_after = [503], ["nan"]
+    assert client.generate_remote(server.url, ["abc"], SampleParams(5))[0] == ["ABC"]
+    assert slept[3:] == [0.0]
 
 
 def test_errors_are_one_line(server):

@@ -162,6 +162,12 @@ def test_gutenberg_download_is_cached(tmp_path, http_server, monkeypatch):
                                           r"and pass --corpus PATH$"):
         corpus.load_text(DataConfig(corpus="gutenberg:13", cache_dir=str(tmp_path / "cache")))
     assert not (tmp_path / "cache/gutenberg/pg13.txt").exists()
+    # A web page that an older version cached is fetched again, and replaced by the book.
+    stale = tmp_path / "cache/gutenberg/pg11.txt"
+    stale.write_bytes(page.read_bytes())
+    before = len(hits)
+    assert corpus.load_text(cfg) == "alice was\nhere.\ndone\n"
+    assert len(hits) == before + 1 and stale.read_bytes() == BOOK.format(w="THE").encode()
 
 
 def test_a_cache_that_cannot_be_written_costs_only_the_reuse(tmp_path, http_server, capsys):

@@ -300,6 +300,42 @@ def test_a_client_that_goes_away_stops_its_rows(serve_base, run_dir):
     serve.delete("gone")
 
 
+def test_a_full_queue_is_shed_with_503_and_retry_after(serve_base, run_dir):
+    """Past `max_ongoing_requests` per replica and `max_queued_requests` waiting, Serve answers
+    503 with Retry-After at once (the shipped app: 256 and 512) instead of queueing without end;
+    here 1 and 1, so a third request is one too many."""
+    from ray import serve
+
+    from charrnn.serve import CharRNNServer
+    app = CharRNNServer.options(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1,
+                                max_queued_requests=1).bind(
+        {"checkpoint": str(run_dir), "watch_interval_s": 0, "max_chars_limit": 1_000_000})
+    serve.run(app, name="full", route_prefix="/full", blocking=False)
+    base = serve_base + "/full"
+    wait_for(lambda: _ok(base + "/healthz"), 120, "the full app")
+    pool = ThreadPoolExecutor(1)
+    with requests.post(base + "/generate/stream", json={"prompt": "a", "max_chars": 1_000_000},
+                       stream=True, timeout=30) as r:
+        chunks = r.iter_content(chunk_size=None)
+        assert next(chunks)  # the replica's one slot is taken
+        queued = pool.submit(post, base, prompt="b", max_chars=5, seed=1)
+        time.sleep(1)  # b reaches the queue first
+        shed = []
+
+        def refused():
+            try:
+                shed.append(requests.post(base + "/generate", json={"prompt": "c"}, timeout=10))
+            except requests.ReadTimeout:  # queued after all (b was not there yet): try again
+                return False
+            return shed[-1].status_code == 503
+        wait_for(refused, 20, "a request past the queue to be refused")
+        assert shed[-1].headers["retry-after"] == "1"
+        assert not queued.done()
+    assert queued.result().status_code == 200  # it ran once the stream let go of the slot
+    pool.shutdown()
+    serve.delete("full")
+
+
 def test_bearer_token(serve_base, run_dir, monkeypatch):
     from ray import serve
     monkeypatch.setenv("CHARRNN_TEST_TOKEN", "s3cret-token")
