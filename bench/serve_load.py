@@ -8,7 +8,10 @@
   nothing, GET /healthz and 1-character completions. Their time is HTTP + Serve overhead, so
   sequential time / floor time bounds the gain that any engine could reach here;
 - reliability: 0 failed requests out of 2,000 at 32 concurrent clients, while the winner
-  manifest moves to another checkpoint mid-run (hot swap).
+  manifest moves to another checkpoint mid-run (hot swap);
+- a flood: `--flood` requests (1,000) at once against the one replica, more than it takes
+  (`max_ongoing_requests` 256) plus its queue (`max_queued_requests` 512): how many are shed
+  (503 + Retry-After), how fast a refusal comes back, and the latency of those served.
 
 `--direct-ingress` runs the same against Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS,
 Ray 2.60): the clients talk to the replica's own HTTP server on 127.0.0.1, without the proxy hop
@@ -136,7 +139,42 @@ async def load(url: str, run: Path, args) -> dict:
             "gain_bound_from_floor": round(seq_s / one_char_s, 1),
         }
         result.update(await reliability(session, url, run, args, one))
+    if args.flood:
+        result.update(await flood(url, args))
     return result
+
+
+async def flood(url: str, args) -> dict:
+    """`args.flood` requests at once, each on its own connection: past the replica's
+    `max_ongoing_requests` and `max_queued_requests`, Serve answers 503 at once."""
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=timeout) as session:
+        async def one(i):
+            t = time.perf_counter()
+            try:
+                async with session.post(url + "/generate", json={
+                        "prompt": "alice ", "max_chars": args.chars, "seed": i}) as r:
+                    await r.read()
+                    return r.status, r.headers.get("Retry-After"), time.perf_counter() - t
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return -1, None, time.perf_counter() - t
+
+        t = time.perf_counter()
+        out = await asyncio.gather(*(one(i) for i in range(args.flood)))
+        seconds = time.perf_counter() - t
+    ok = [d for code, _, d in out if code == 200]
+    shed = [d for code, _, d in out if code == 503]
+    return {
+        "flood_requests": args.flood, "flood_seconds": round(seconds, 1),
+        "flood_ok": len(ok), "flood_shed_503": len(shed),
+        "flood_other": sorted({code for code, _, _ in out} - {200, 503}),
+        "flood_retry_after": sorted({ra for code, ra, _ in out if code == 503}),
+        "flood_shed_p50_s": round(pct(shed, 0.5), 3) if shed else None,
+        "flood_shed_p99_s": round(pct(shed, 0.99), 3) if shed else None,
+        "flood_ok_p50_s": round(pct(ok, 0.5), 3) if ok else None,
+        "flood_ok_p99_s": round(pct(ok, 0.99), 3) if ok else None,
+    }
 
 
 async def reliability(session, url: str, run: Path, args, one) -> dict:
@@ -180,6 +218,8 @@ def main():
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--total", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--flood", type=int, default=1000,
+                    help="requests sent at once to see load shedding (0: skip)")
     ap.add_argument("--rounds", type=int, default=3, help="sequential + concurrent rounds (median kept)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--batch-wait", type=float, default=ServeConfig.batch_wait_timeout_s,
