@@ -9,7 +9,7 @@
   sequential time / floor time bounds the gain that any engine could reach here;
 - reliability: 0 failed requests out of 2,000 at 32 concurrent clients, while the winner
   manifest moves to another checkpoint mid-run (hot swap);
-- a flood: `--flood` requests (1,000) at once against the one replica, more than it takes
+- a flood: `--flood` requests (2,000) at once against the one replica, more than it takes
   (`max_ongoing_requests` 256) plus its queue (`max_queued_requests` 512): how many are shed
   (503 + Retry-After), how fast a refusal comes back, and the latency of those served.
 
@@ -218,7 +218,7 @@ def main():
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--total", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--flood", type=int, default=1000,
+    ap.add_argument("--flood", type=int, default=2000,
                     help="requests sent at once to see load shedding (0: skip)")
     ap.add_argument("--rounds", type=int, default=3, help="sequential + concurrent rounds (median kept)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
