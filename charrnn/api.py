@@ -1,5 +1,5 @@
 """The HTTP API of the Serve app: the request body, its checks, the shape of every error, and
-quiet for clients that leave mid-stream.
+no traceback in the replica's log for a client that leaves mid-stream.
 
 Pure FastAPI/pydantic: `serve.py` mounts `api` on its deployment and turns a checked request
 into engine rows. Every 4xx is `{"error": "<one line>"}`.

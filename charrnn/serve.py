@@ -60,7 +60,7 @@ def _public(info: dict) -> dict:
     name="CharRNN",
     # Large enough that a replica holds a full batch plus the next one filling up.
     max_ongoing_requests=256,
-    # Beyond every replica's 256, a bounded queue: a flood gets quick 503s with Retry-After
+    # Beyond every replica's 256, a bounded queue: a flood gets 503s with Retry-After
     # (`jobs/generate.py --serve-url` waits and retries) instead of latency growing without end.
     max_queued_requests=512,
     backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
