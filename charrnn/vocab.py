@@ -53,7 +53,8 @@ class Vocab:
         if oov == "error":
             shown = ", ".join(repr(c) for c in bad[:20]) + (" ..." if len(bad) > 20 else "")
             raise VocabError(f"characters not in the model's vocabulary: {shown} "
-                             "(use the 'drop' or 'replace' OOV policy to accept them)")
+                             "(to accept them, set oov to 'drop' or 'replace': --oov drop, or "
+                             "\"oov\": \"drop\" in a Serve request)")
         if oov == "drop":
             return "".join(c for c in text if c in self.index)
         if replacement not in self.index:

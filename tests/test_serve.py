@@ -118,7 +118,7 @@ def test_streaming(app):
     (b"{}", 422, "exactly one of"),
     (b'{"prompt": ""}', 422, "non-empty"),
     (b'{"prompts": []}', 422, "non-empty"),
-    (b'{"prompt": "a\\u00e9\\u00f8"}', 422, "'é', 'ø'"),
+    (b'{"prompt": "a\\u00e9\\u00f8"}', 422, "'é', 'ø' (to accept them, set oov to 'drop' or"),
     (b'{"prompt": "a", "max_chars": 501}', 422, "above the limit 500"),
     (b'{"prompt": "a", "temperature": 0}', 422, "must be a finite number > 0 (or use greedy: true)"),
     (b'{"prompt": "a", "temperature": -1}', 422, "temperature"),

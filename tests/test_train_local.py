@@ -454,7 +454,8 @@ def test_generate_cli_errors(tiny_run, tmp_path, capfd):
     storage, name, _ = tiny_run
     run = str(storage / name)
     # one case as a user runs it (a new process); the rest call main() in this process
-    assert "'ω'" in _error_line(run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa"))
+    line = _error_line(run_job("generate.py", "--checkpoint", run, "--prompt", "Ωa"))
+    assert "'ω'" in line and "--oov drop" in line  # the flag, not a policy to look up
     ok = call_job(capfd, "generate.py", "--checkpoint", run, "--prompt", "Ωa", "--oov", "drop",
                   "--max-chars", "5")
     assert ok.returncode == 0 and ok.stdout.startswith("Ωa")
