@@ -7,7 +7,6 @@ server's batcher can gather them into shared generation batches.
 from __future__ import annotations
 
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -114,8 +113,8 @@ def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str |
     for done, result in enumerate(ordered_map(one, items, concurrency), 1):
         yield result
         if done < len(prompts) and every.due():
-            print(f"  {done:,} of {len(prompts):,} prompts done "
-                  f"({done / (time.monotonic() - started):,.1f}/s)", file=sys.stderr, flush=True)
+            runlog.note(f"  {done:,} of {len(prompts):,} prompts done "
+                        f"({done / (time.monotonic() - started):,.1f}/s)")
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:

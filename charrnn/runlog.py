@@ -35,7 +35,7 @@ def say(line: str) -> None:
         discard_stdout()
         why = ("stdout was closed by its reader" if isinstance(e, BrokenPipeError)
                else f"cannot write to stdout ({e.strerror})")
-        _note(f"{why}; the run goes on without printing (metrics.csv and metrics.json in the run "
+        note(f"{why}; the run goes on without printing (metrics.csv and metrics.json in the run "
               "directory keep its record)")
 
 
@@ -49,7 +49,9 @@ def discard_stdout() -> None:
         os.close(devnull)
 
 
-def _note(line: str) -> None:
+def note(line: str) -> None:
+    """A line on stderr, where progress goes while stdout carries results (generated texts);
+    a stderr that cannot be written does not stop the work it reports on."""
     try:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()

@@ -140,14 +140,14 @@ def progress_line(rows: int):
     carries the texts)."""
     import time
 
-    from charrnn.runlog import Every
+    from charrnn.runlog import Every, note
     started, every = time.monotonic(), Every(10.0)
 
     def progress(steps: int, total: int) -> None:
         if every.due():
             rate = rows * steps / (time.monotonic() - started)
-            print(f"  {steps:,} of {total:,} characters per prompt, {rows:,} prompt(s) "
-                  f"({rate:,.0f} chars/s)", file=sys.stderr, flush=True)
+            note(f"  {steps:,} of {total:,} characters per prompt, {rows:,} prompt(s) "
+                 f"({rate:,.0f} chars/s)")
     return progress
 
 

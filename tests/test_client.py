@@ -184,3 +184,17 @@ def test_leaving_early_waits_for_no_request_in_flight(tmp_path):
         p.kill()
         never.set()
         srv.shutdown()
+
+
+def test_progress_goes_to_stderr_and_a_closed_stderr_stops_nothing(server, monkeypatch, capsys):
+    monkeypatch.setattr(client, "PROGRESS_EVERY_S", 0.0)
+    texts, _ = client.generate_remote(server.url, ["a", "b", "c"], SampleParams(5), concurrency=1)
+    err = capsys.readouterr().err
+    assert texts == ["A", "B", "C"] and "  1 of 3 prompts done (" in err and "3 of 3" not in err
+
+    class Closed:
+        def write(self, _):
+            raise BrokenPipeError(32, "Broken pipe")
+        flush = write
+    monkeypatch.setattr("sys.stderr", Closed())
+    assert client.generate_remote(server.url, ["a", "b"], SampleParams(5))[0] == ["A", "B"]
