@@ -36,7 +36,7 @@ def say(line: str) -> None:
         why = ("stdout was closed by its reader" if isinstance(e, BrokenPipeError)
                else f"cannot write to stdout ({e.strerror})")
         note(f"{why}; the run goes on without printing (metrics.csv and metrics.json in the run "
-              "directory keep its record)")
+             "directory keep its record)")
 
 
 def discard_stdout() -> None:
