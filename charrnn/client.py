@@ -99,7 +99,8 @@ def iter_remote(url: str, prompts: list[str], params: SampleParams, token: str |
             except (ValueError, AttributeError):  # not JSON, or JSON but not an object
                 msg = r.text
             which = f" to prompt {i + 1:,} of {len(prompts):,}" if len(prompts) > 1 else ""
-            raise CharrnnError(f"{url} answered {r.status_code}{which}: {msg}")
+            tries = (f" {len(RETRY_WAITS_S)} times" if r.status_code in RETRY_STATUSES else "")
+            raise CharrnnError(f"{url} answered {r.status_code}{tries}{which}: {msg.strip()}")
         try:
             data = r.json()
             return data["completions"][0], data["model"]
