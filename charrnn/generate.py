@@ -118,28 +118,30 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
             logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
             if state is None:  # the first group: room for every row (zeros: nn.LSTM's start)
                 last = logits.new_zeros(len(texts), logits.shape[-1])  # (B, V)
-                state = _each(part, lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]))
+                state = _each(lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]), part)
             last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
     return last, state
 
 
-def _each(state, fn):
-    """`fn` over each tensor of a state: nn.LSTM's (h, c) or nn.GRU's h, each (L, B, H)."""
-    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+def _each(fn, state, *more):
+    """`fn` over each tensor of a state: nn.LSTM's (h, c) or nn.GRU's h, each (L, B, H); with
+    `more` states of the same kind, over the matching tensors of all of them."""
+    if isinstance(state, tuple):
+        return tuple(fn(*tensors) for tensors in zip(state, *more))
+    return fn(state, *more)
 
 
 def _rows(state, rows: torch.Tensor):
     """The state of batch rows `rows`."""
     if state is None:
         return None
-    return _each(state, lambda s: s[:, rows.to(s.device)])
+    return _each(lambda s: s[:, rows.to(s.device)], state)
 
 
 def _put_rows(state, rows: torch.Tensor, part):
-    if isinstance(state, tuple):
-        return tuple(s.index_copy(1, rows.to(s.device), p) for s, p in zip(state, part))
-    return state.index_copy(1, rows.to(state.device), part)
+    """`state` with batch rows `rows` replaced by `part` (the same kind of state, R rows)."""
+    return _each(lambda s, p: s.index_copy(1, rows.to(s.device), p), state, part)
 
 
 def sample_ids(
