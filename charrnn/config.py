@@ -80,7 +80,7 @@ class TrainConfig:
     restarts after a failure included (`budget.py`); the LR schedule then anneals by time as well
     as by steps. 0 means no limit."""
     seed: int = 1337
-    """Seeds weights, window offsets, shuffling and dropout."""
+    """Seeds weights, window offsets, shuffling and dropout (0 <= seed < 2**32)."""
     precision: str = "auto"
     """`auto` (bf16 autocast where bf16 matmuls are native: recent GPUs, CPUs with AMX or
     AVX512-BF16; else fp32), `bf16` or `fp32`."""
@@ -104,6 +104,8 @@ class TrainConfig:
         want(self, "train.grad_clip", 0 <= self.grad_clip < math.inf,
              "a finite number >= 0 (0 disables clipping)")
         want(self, "train.max_minutes", 0 <= self.max_minutes < math.inf, "a finite number >= 0 (0: no limit)")
+        # numpy's generators refuse a negative seed; torch's takes seed + rank + step below 2**64.
+        want(self, "train.seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)")
         want(self, "train.precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
         want(self, "train.threads", self.threads >= 0, ">= 0 (0: the worker's CPU share)")
         want(self, "train.log_every_steps", self.log_every_steps >= 0, ">= 0 (0 disables)")

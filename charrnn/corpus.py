@@ -233,7 +233,10 @@ def clean(text: str, opts: DataConfig) -> str:
     if drop:
         text = text.translate({ord(c): None for c in drop})
     if not text.strip():
-        raise CorpusError("the corpus is empty after cleaning")
+        why = [f"data.drop_chars={opts.drop_chars!r}"] if opts.drop_chars else []
+        why += [f"data.min_char_count={opts.min_char_count}"] if opts.min_char_count else []
+        raise CorpusError("the corpus is empty after cleaning"
+                          + (f" (it had only whitespace left after {' and '.join(why)})" if why else ""))
     return text
 
 

@@ -145,6 +145,9 @@ class Trainer:
             if t.batch_size > self.share:  # the batch (and the step count) is not what was asked
                 runlog.say(f"note: train.batch_size {t.batch_size:,} is more than the {self.share:,} "
                            "windows a worker has per epoch: each epoch is one step of them all")
+            if t.warmup_steps >= self.total_steps:  # the schedule never leaves its warm-up
+                runlog.say(f"note: train.warmup_steps {t.warmup_steps:,} is not below the run's "
+                           f"{self.total_steps:,} steps: the learning rate never reaches train.lr")
             if self.epoch >= t.epochs:
                 runlog.say(f"run {self.cfg.run.name!r} has already trained its {t.epochs} epochs; "
                            "--epochs N (N > that) trains it further")

@@ -84,8 +84,10 @@ class Vocab:
         if len(buf) and (int(buf.max()) >= size or not np.isin(
                 buf, np.fromiter(lut, dtype=np.uint32)).all()):
             self.clean(text, "error")
-        if size > 1 << 16:
-            return np.array([lut[int(o)] for o in buf], dtype=self.dtype)
+        if size > 1 << 16:  # code points beyond the BMP (emoji): the table would be 4 MB+
+            # Ids are the ranks of the sorted code points, so a binary search finds them.
+            cps = np.array(sorted(lut), dtype=np.uint32)
+            return np.searchsorted(cps, buf).astype(self.dtype)
         table = np.zeros(size, dtype=self.dtype)
         for o, i in lut.items():
             table[o] = i

@@ -55,6 +55,8 @@ def test_overrides_are_typed():
     ("train.sample_chars=-3", r"train.sample_chars must be >= 0, got -3"),
     ("train.log_every_steps=-1", r"train.log_every_steps must be >= 0"),
     ("train.precision=fp16", r"train.precision must be auto, bf16 or fp32, got 'fp16'"),
+    ("train.seed=-1", r"train.seed must be an integer in \[0, 2\*\*32\), got -1"),  # was numpy's traceback
+    ("train.seed=4294967296", r"train.seed must be an integer in \[0, 2\*\*32\)"),
     ("scaling.workers=-2", r"scaling.workers must be >= 0 .*got -2"),
     ("noequals", "key=value"),
     ("data.corpus=", r"data.corpus must be set .*got ''"),  # was "--corpus  is a directory"

@@ -54,8 +54,15 @@ def test_missing_file(tmp_path):
 def test_empty_after_cleaning(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("!!!\n")
-    with pytest.raises(CorpusError, match="empty after cleaning"):
+    with pytest.raises(CorpusError, match=r"empty after cleaning \(it had only whitespace left after "
+                                          r"data.drop_chars='!'\)$"):
         corpus.load_text(DataConfig(corpus=str(p), drop_chars="!"))
+    p.write_text("ab\n")  # each character rarer than 5: the settings that emptied it are named
+    with pytest.raises(CorpusError, match=r"after data.min_char_count=5\)$"):
+        corpus.load_text(DataConfig(corpus=str(p), min_char_count=5))
+    p.write_text("\r\n \n")
+    with pytest.raises(CorpusError, match=r"^the corpus is empty after cleaning$"):
+        corpus.load_text(DataConfig(corpus=str(p)))
 
 
 def test_undecodable_bytes_name_the_offset(tmp_path):

@@ -610,6 +610,16 @@ def test_a_batch_larger_than_an_epoch_is_noted(corpus_path, tmp_path, capsys):
             "each epoch is one step of them all") in capsys.readouterr().out
 
 
+def test_a_warmup_longer_than_the_run_is_noted(corpus_path, tmp_path, capsys):
+    """`train.warmup_steps=100000` trained 254 steps at a learning rate that never left warm-up
+    (loss 3.83 against 2.09), without a word."""
+    fit(_cfg(corpus_path, tmp_path, "warm", "train.epochs=1", "train.warmup_steps=300"))
+    assert ("note: train.warmup_steps 300 is not below the run's 127 steps: the learning rate "
+            "never reaches train.lr") in capsys.readouterr().out
+    fit(_cfg(corpus_path, tmp_path, "short", "train.epochs=1", "train.warmup_steps=5"))
+    assert "train.warmup_steps" not in capsys.readouterr().out
+
+
 def test_a_checkpoint_the_store_refuses_stops_the_run_naming_what_is_kept(corpus_path, tmp_path,
                                                                         monkeypatch):
     """The store went away mid-run (or its disk filled): the error was the store's own message

@@ -15,6 +15,20 @@ def test_vocab_round_trip_and_dtype():
     assert Vocab.from_dict(v.to_dict()) == v
 
 
+@pytest.mark.parametrize("text, dtype", [
+    ("alice \u4e00\u4e01\n", np.uint8),  # CJK: code points past Latin-1, a small vocabulary
+    ("".join(map(chr, range(0x4e00, 0x4e00 + 300))), np.uint16),  # more than 256 characters
+    ("hi \U0001f600\U0001f431 alice\n", np.uint8),  # emoji: past the BMP (was a Python loop)
+])
+def test_vocab_encodes_any_unicode_text(text, dtype):
+    v = Vocab.from_text(text)
+    ids = v.encode(text * 3)
+    assert ids.dtype == dtype and ids.tolist() == [v.index[c] for c in text * 3]
+    assert v.decode(ids) == text * 3
+    with pytest.raises(VocabError, match="vocabulary: '\U0001f98a'"):
+        v.encode(text + "\U0001f98a")
+
+
 def test_oov_policies_list_offending_characters():
     v = Vocab.from_text("abc ")
     with pytest.raises(VocabError, match=r"'x', 'é'"):
