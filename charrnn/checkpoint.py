@@ -229,7 +229,7 @@ def load(uri: str, device: str = "cpu") -> Loaded:
     missing = missing_files(ckpt)
     if missing:  # as strict as a local checkpoint, without downloading the optimizer state
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
-    with storage.local_copy(ckpt, prefix="charrnn-ckpt-", files=MODEL_FILES) as d:
+    with storage.local_copy(ckpt, kind="load", files=MODEL_FILES) as d:
         return dataclasses.replace(load_dir(d, ckpt, device, files=MODEL_FILES), path=None)
 
 

@@ -217,7 +217,7 @@ class LocalBackend(Backend):
             yield None
             return
         with storage.local_copy(storage.join(self.run_uri, self.entries[-1]["name"]),
-                                prefix="charrnn-resume-") as d:
+                                kind="resume") as d:
             yield d
 
 
@@ -280,7 +280,7 @@ class RayBackend(Backend):
             with ckpt.as_directory() as d:  # local: the path itself; S3: a temporary download
                 yield Path(d)
         elif self.start_from is not None:
-            with storage.local_copy(self.start_from, prefix="charrnn-resume-") as d:
+            with storage.local_copy(self.start_from, kind="resume") as d:
                 yield d
         else:
             yield None

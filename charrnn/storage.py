@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from charrnn import s3
+from charrnn import s3, scratch
 from charrnn.errors import StorageError
 
 
@@ -168,20 +167,19 @@ def download_dir(uri: str, local_dir: str | Path, files: Sequence[str] | None = 
 
 
 @contextlib.contextmanager
-def local_copy(uri: str, prefix: str = "charrnn-",
+def local_copy(uri: str, kind: str = "copy",
                files: Sequence[str] | None = None) -> Iterator[Path]:
     """A local directory holding the files of directory `uri` while the block runs: the path
-    itself when it is local, else a download into a temporary directory, removed afterwards (a
-    Serve replica that hot-swaps from S3 would otherwise fill its disk, one checkpoint a swap)."""
+    itself when it is local, else a download into a scratch directory (`scratch.directory`),
+    removed afterwards (a Serve replica that hot-swaps from S3 would otherwise fill its disk,
+    one checkpoint a swap)."""
     local = local_path(uri)
     if local is not None:
         yield local
         return
-    tmp = tempfile.mkdtemp(prefix=prefix)
-    try:
-        yield download_dir(uri, tmp, files)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch.directory(kind) as tmp:
+        (tmp / "copy").mkdir()
+        yield download_dir(uri, tmp / "copy", files)
 
 
 def delete_dir(uri: str) -> None:

@@ -8,9 +8,8 @@ validation loss on all ranks, all-reduces it, saves a checkpoint (rank 0) and re
 
 from __future__ import annotations
 
+import contextlib
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint, optim, resume, runlock, runlog, s3, storage
+from charrnn import checkpoint, optim, resume, runlock, runlog, s3, scratch, storage
 from charrnn.budget import TimeBudget
 from charrnn.config import Config
 from charrnn.data import EpochPlan, split_corpus, val_chunks, val_signature
@@ -275,8 +274,9 @@ class Trainer:
         history, best = [*self.history, metrics], min(self.best, val_loss)
         improved = val_loss < self.best
         name = checkpoint.dir_name(self.step)
-        tmp = Path(tempfile.mkdtemp(prefix="charrnn-save-")) / name if self.b.is_writer else None
-        try:
+        # Rank 0 stages the checkpoint in a scratch directory, which `report` stores.
+        with scratch.directory("save") if self.b.is_writer else contextlib.nullcontext() as d:
+            tmp = None if d is None else d / name
             if tmp is not None:
                 meta = {"run": self.cfg.run.name, "next_epoch": self.epoch,
                         "epoch_step": self.epoch_step, "step": self.step, "metrics": metrics,
@@ -293,9 +293,6 @@ class Trainer:
                 raise StorageError(f"could not store {name} (step {self.step:,}), so the run "
                                    f"stopped: {e}; once that is fixed, the same command resumes "
                                    f"from {kept}") from None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp.parent, ignore_errors=True)
         self.history, self.best = history, best
         if self.b.is_writer:
             if improved:
