@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -139,6 +140,41 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
                 raise
     except OSError as e:
         raise _local_error(uri, e) from None
+
+
+_LEFTOVER = re.compile(r"(.+)\.(tmp|old)-[0-9a-f]{8}")
+
+
+def tidy_local(uri: str) -> list[str]:
+    """Finish what a killed process (SIGKILL, the OOM killer) left of `upload_dir` and
+    `write_bytes` in local directory `uri`, whose run lock the caller holds; -> log lines.
+    - `X.tmp-<hex>`, a copy not yet renamed into place: removed. A checkpoint is indexed, and a
+      manifest names it, only once its copy is in place, so nothing recorded is lost.
+    - `X.old-<hex>`, an X being replaced: removed when X is in place; otherwise the kill came
+      between the two renames and it is the only complete X, so it becomes X again.
+    S3 has neither: its writes are PUTs, not renames."""
+    root, lines = local_path(uri), []
+    if root is None or not root.is_dir():
+        return lines
+    for p in sorted(root.iterdir()):
+        m = _LEFTOVER.fullmatch(p.name)
+        if not m:
+            continue
+        target = root / m[1]
+        try:
+            if m[2] == "old" and not target.exists():
+                os.replace(p, target)
+                lines.append(f"restored {target.name} from {p.name}, left by a process killed "
+                             "while replacing it")
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            lines.append(f"removed {p.name}, left half-written by a process that was killed")
+        except OSError as e:
+            lines.append(f"warning: cannot tidy {p}: {e.strerror or e}")
+    return lines
 
 
 def _local_error(uri: str, e: OSError) -> StorageError:

@@ -77,6 +77,8 @@ def fit(cfg: Config) -> str:
     cfg, vocab, ids = prepare(cfg)
     ray_mode, uri = cfg.scaling.workers > 0, run_uri(cfg)
     with runlock.run_lock(uri, cfg.run.name) as lease:
+        for line in storage.tidy_local(uri):  # no other process writes in the run now
+            runlog.say(line)
         # `invocation`: Ray Train's restarts after a failure belong to this call, and share its
         # `train.max_minutes` (the checkpoints say how much of it they used).
         loop_config = {"config": cfg.to_dict(), "vocab": vocab.chars, "run_uri": uri,

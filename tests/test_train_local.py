@@ -82,6 +82,30 @@ def test_resume_continues_steps_and_optimizer_state(corpus_path, tmp_path):
     assert history[1]["val_loss"] < history[0]["val_loss"]
 
 
+def test_what_a_killed_save_left_is_tidied_before_the_run_resumes(corpus_path, tmp_path, capsys):
+    """SIGKILL (the OOM killer) mid-copy left `checkpoint_X.tmp-<hex>` in the run for good; between
+    the two renames that replace a checkpoint, it left the only complete copy as `X.old-<hex>`,
+    so resuming skipped it and retrained its steps."""
+    fit(_cfg(corpus_path, tmp_path, "k", "train.epochs=1"))
+    run = tmp_path / "k"
+    (run / "checkpoint_00000127").rename(run / "checkpoint_00000127.old-0123abcd")
+    shutil.copytree(run / "checkpoint_00000127.old-0123abcd", run / "checkpoint_00000254.tmp-89abcdef")
+    (run / "checkpoint_00000254.tmp-89abcdef" / "model.pt").write_bytes(b"half")
+    (run / "winner.json.tmp-deadbeef").write_text("{")
+    (run / "notes.tmp-1").write_text("a user's file: not ours")
+    capsys.readouterr()
+    fit(_cfg(corpus_path, tmp_path, "k", "train.epochs=2"))
+    out = capsys.readouterr().out
+    assert ("restored checkpoint_00000127 from checkpoint_00000127.old-0123abcd, left by a process "
+            "killed while replacing it") in out
+    assert "removed checkpoint_00000254.tmp-89abcdef, left half-written by a process that was killed" in out
+    assert "removed winner.json.tmp-deadbeef" in out
+    assert "resuming run 'k' from its checkpoint at step 127" in out
+    assert sorted(p.name for p in run.iterdir() if "." in p.name and not p.name.endswith(
+        (".json", ".csv", ".png"))) == [".lock", "notes.tmp-1"]
+    assert json.loads((run / "metrics.json").read_text())[-1]["step"] == 254
+
+
 def test_resume_points_the_winner_at_the_best_checkpoint_it_resumed_with(corpus_path, tmp_path,
                                                                          capsys, monkeypatch):
     """A Ray run stopped within ~2 s of a report resumes from the checkpoint before it (Ray Train
