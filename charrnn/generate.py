@@ -265,7 +265,32 @@ class Generator:
                 for i in range(n)]
 
     def complete(self, prompts: Sequence[str], params: SampleParams, oov: str = "error",
-                 progress: Callable[[int, int], None] | None = None) -> list[str]:
+                 progress: Callable[[int, int, int, int], None] | None = None) -> Iterator[str]:
+        """Completions in prompt order, yielded batch by batch as each finishes. Every prompt is
+        checked first, so a bad one fails before any work.
+
+        Rows step in batches of at most ROWS_PER_BATCH, of near-equal sizes (a lone row beside
+        full batches would take the one-row kernel, which rounds differently). `progress(done,
+        rows, steps, total)`: `done` prompts finished before this batch of `rows`, which is
+        `steps` of `total` characters in; called every CHUNK_STEPS steps and after each batch.
+        """
         clean = self.prepare(prompts, oov)
-        return generate(self.model, self.vocab, clean, self.row_params(params, len(clean)),
-                        self.device, dtype=self.dtype, progress=progress)
+        rows = self.row_params(params, len(clean))
+        n = len(clean)
+        batches = -(-n // ROWS_PER_BATCH)
+        bounds = [round(i * n / batches) for i in range(batches + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            def step_progress(steps: int, total: int, a=a, b=b) -> None:
+                progress(a, b - a, steps, total)
+            texts = generate(self.model, self.vocab, clean[a:b], rows[a:b], self.device,
+                             dtype=self.dtype, progress=step_progress if progress else None)
+            if progress is not None:
+                progress(b, 0, 0, params.max_new_chars)
+            yield from texts
+
+
+# Rows stepped together offline. The 3-minute alice model on 2 cores (fp32, 100 characters each):
+# 41,000 chars/s at 64 rows, 53,000-55,000 from 256 to 4,096, then 47,000 at 8,192 and 36,000 at
+# 32,768 rows, whose state and logits no longer stay in cache; one batch of 200,000 prompts held
+# 5 GB and printed nothing for 8 minutes.
+ROWS_PER_BATCH = 2048

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="checkpoint dir, winner.json or run dir (local or s3://)")
     src.add_argument("--serve-url", help="base URL of a running charrnn Serve app")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="one prompt per line, generated as one batch (- reads stdin)")
+    p.add_argument("--prompts-file", help="one prompt per line, generated together (- reads stdin)")
     p.add_argument("--random-prompt", action="store_true",
                    help="start from a random slice of the training corpus (as the tutorial does)")
     p.add_argument("--corpus", help="corpus for --random-prompt (default: the checkpoint's)")
@@ -130,24 +130,27 @@ def main(argv=None) -> int:
     completions = Generator(loaded, device, args.precision).complete(
         prompts, params, args.oov, progress=progress_line(len(prompts)))
     run = loaded.meta.get("run")
+    # Written batch by batch, so a long run that is stopped keeps what it got.
     for i, (p, c) in enumerate(zip(prompts, completions)):
         write(args, i, p, c, run)
     return 0
 
 
-def progress_line(rows: int):
-    """A `progress(steps, total)` for generation that writes a line to stderr every 10 s (stdout
-    carries the texts)."""
+def progress_line(n: int):
+    """A `Generator.complete` progress that writes a line to stderr every 10 s (stdout carries
+    the texts)."""
     import time
 
     from charrnn.runlog import Every, note
     started, every = time.monotonic(), Every(10.0)
 
-    def progress(steps: int, total: int) -> None:
+    def progress(done: int, rows: int, steps: int, total: int) -> None:
         if every.due():
-            rate = rows * steps / (time.monotonic() - started)
-            note(f"  {steps:,} of {total:,} characters per prompt, {rows:,} prompt(s) "
-                 f"({rate:,.0f} chars/s)")
+            rate = (done * total + rows * steps) / (time.monotonic() - started)
+            where = (f"{done:,} of {n:,} prompts done" if not rows else
+                     f"{steps:,} of {total:,} characters per prompt, " +
+                     (f"{n:,} prompt(s)" if rows == n else f"prompts {done + 1:,}-{done + rows:,} of {n:,}"))
+            note(f"  {where} ({rate:,.0f} chars/s)")
     return progress
 
 

@@ -458,6 +458,39 @@ def test_a_long_generation_reports_progress_on_stderr(tiny_run, capfd, monkeypat
     assert p.stderr.startswith("  1,024 of 2,048 characters per prompt, 1 prompt(s) ("), p.stderr
 
 
+def test_many_prompts_are_generated_and_written_batch_by_batch(tiny_run, tmp_path, capfd,
+                                                               monkeypatch):
+    """200,000 prompts were one batch: 5 GB held, slower per character than batches of 2,048,
+    and nothing written nor reported for 8 minutes, so Ctrl-C kept nothing."""
+    from charrnn import generate, runlog
+    storage, name, _ = tiny_run
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"alice {c}\n" for c in "abcdefghij"))
+    args = ("generate.py", "--checkpoint", str(storage / name), "--prompts-file", str(prompts),
+            "--max-chars", "30", "--seed", "3", "--format", "jsonl")
+    whole = call_job(capfd, *args)
+    assert whole.returncode == 0 and not whole.stderr
+    monkeypatch.setattr(generate, "ROWS_PER_BATCH", 4)  # batches of 3, 4 and 3 rows
+    monkeypatch.setattr(runlog.Every, "due", lambda self: True)
+    calls, real = [], generate.generate
+    monkeypatch.setattr(generate, "generate",
+                        lambda m, v, p, *a, **k: calls.append(len(p)) or real(m, v, p, *a, **k))
+    batched = call_job(capfd, *args)
+    assert calls == [3, 4, 3] and batched.stdout == whole.stdout  # same seeds, same texts
+    assert [line.split(" (")[0] for line in batched.stderr.splitlines()] == [
+        "  3 of 10 prompts done", "  7 of 10 prompts done", "  10 of 10 prompts done"]
+    # Texts are written as their batch ends: a failure in the second batch keeps the first.
+    def fail_second(m, v, p, *a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(p))
+        return real(m, v, p, *a, **k)
+    calls.clear()
+    monkeypatch.setattr(generate, "generate", fail_second)
+    stopped = call_job(capfd, *args)
+    assert stopped.returncode == 130 and stopped.stdout == "".join(whole.stdout.splitlines(True)[:3])
+
+
 def test_prompts_come_from_stdin_with_a_dash(tiny_run):
     """`--prompts-file -` was "No such file or directory: -"."""
     import subprocess
