@@ -277,7 +277,7 @@ class Generator:
         clean = self.prepare(prompts, oov)
         rows = self.row_params(params, len(clean))
         n = len(clean)
-        batches = -(-n // ROWS_PER_BATCH)
+        batches = max(1, -(-n // ROWS_PER_BATCH))
         bounds = [round(i * n / batches) for i in range(batches + 1)]
         for a, b in zip(bounds, bounds[1:]):
             def step_progress(steps: int, total: int, a=a, b=b) -> None:

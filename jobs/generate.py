@@ -147,9 +147,11 @@ def progress_line(n: int):
     def progress(done: int, rows: int, steps: int, total: int) -> None:
         if every.due():
             rate = (done * total + rows * steps) / (time.monotonic() - started)
-            where = (f"{done:,} of {n:,} prompts done" if not rows else
-                     f"{steps:,} of {total:,} characters per prompt, " +
-                     (f"{n:,} prompt(s)" if rows == n else f"prompts {done + 1:,}-{done + rows:,} of {n:,}"))
+            if not rows:  # between batches
+                where = f"{done:,} of {n:,} prompts done"
+            else:
+                which = f"{n:,} prompt(s)" if rows == n else f"prompts {done + 1:,}-{done + rows:,} of {n:,}"
+                where = f"{steps:,} of {total:,} characters per prompt, {which}"
             note(f"  {where} ({rate:,.0f} chars/s)")
     return progress
 
