@@ -83,6 +83,15 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def _aside(path: str, kind: str) -> str:
+    """A sibling of local `path` to write (`tmp`) or move it (`old`) to before a rename puts the
+    new one in place; `tidy_local` finds those that a killed process left by `_LEFTOVER`."""
+    return f"{path}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+_LEFTOVER = re.compile(r"(.+)\.(tmp|old)-[0-9a-f]{8}")
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object/file atomically: readers see the old or the new content, never half.
 
@@ -92,7 +101,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         if isinstance(fs, pafs.LocalFileSystem):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = _aside(path, "tmp")
             try:
                 Path(tmp).write_bytes(data)
                 os.replace(tmp, path)
@@ -116,14 +125,14 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
     fs, path = resolve(uri)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = _aside(path, "tmp")
             try:
                 shutil.copytree(local_dir, tmp)
             except BaseException:  # a full disk, Ctrl-C: leave no half copy beside the run
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             if os.path.exists(path):  # replacing: move the old one aside, then swap
-                old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+                old = _aside(path, "old")
                 os.replace(path, old)
                 os.replace(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)
@@ -142,7 +151,6 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         raise _local_error(uri, e) from None
 
 
-_LEFTOVER = re.compile(r"(.+)\.(tmp|old)-[0-9a-f]{8}")
 
 
 def tidy_local(uri: str) -> list[str]:
