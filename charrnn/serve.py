@@ -6,15 +6,14 @@
 Concurrent requests are gathered by `@serve.batch` into one stateful generation batch: the
 prompts are fed once, then the LSTM steps once per character for every active row. Each row has
 its own length, temperature, top-k/top-p and seed, and its stream ends as soon as its own length
-is reached. A replica watches the winner manifest and hot-swaps to a better checkpoint; a request
-keeps the model it started with, so in-flight requests finish on it.
+is reached. A replica watches the winner manifest and hot-swaps to a better checkpoint
+(`follow.py`); a request keeps the model it started with, so in-flight requests finish on it.
 """
 
 
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from charrnn.binding import bind_serve_grpc_to_node_ip
 from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
+from charrnn.follow import Follower
 from charrnn.generate import Generator, pick_device
 from charrnn.sampling import SampleParams
 
@@ -92,19 +92,13 @@ class CharRNNServer:
         self.token = api.api_token(self.cfg.api_token_env)
         self.device = pick_device(self.cfg.device)
         self.batch_sizes: Counter = Counter()
-        self._lock = threading.Lock()
-        self.current = self._load(self.cfg.checkpoint)
-        self.source = self.cfg.checkpoint  # what the replica follows (builder arg or user_config)
-        self.load_error: str | None = None  # why `source` is not serving, while it is not
-        self.config_note: str | None = None  # what the last user_config had that was ignored
+        # The builder's checkpoint, or user_config's, watched for a better winner.
+        self.models = Follower(self.cfg.checkpoint, self._load, self.cfg.watch_interval_s)
         for gather in (self._batch, self._batch_stream):
             gather.set_max_batch_size(self.cfg.max_batch_size)
             gather.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self._stop = threading.Event()
-        if self.cfg.watch_interval_s:
-            threading.Thread(target=self._watch, daemon=True, name="winner-watch").start()
 
-    # ----- model loading and hot swap -------------------------------------------------------
+    # ----- model loading (hot swaps: follow.py) -------------------------------------------
     def _load(self, uri: str) -> Generator:
         loaded = checkpoint.load(uri, self.device)
         g = Generator(loaded, self.device, self.cfg.precision)
@@ -115,61 +109,19 @@ class CharRNNServer:
         log.info("serving %s (val_loss %s)", loaded.uri, g.info["val_loss"])
         return g
 
-    def _swap_if_new(self, uri: str) -> bool:
-        """Load `uri`'s checkpoint when it differs from the one serving; swap atomically."""
-        with self._lock:
-            target = checkpoint.resolve(uri)
-            if target == self.current.info["checkpoint"]:
-                return False
-            new = self._load(target)
-            self.current = new  # one reference assignment: batches already running keep theirs
-            return True
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.cfg.watch_interval_s):
-            self._follow(self.source)
-
-    def _follow(self, uri: str) -> None:
-        """Serve `uri`'s checkpoint if it is new. One that cannot be loaded (missing, partial,
-        corrupt) leaves the current model serving; the reason shows in GET /model."""
-        try:
-            self._swap_if_new(uri)
-            self.load_error = None
-        except Exception as e:
-            where = (f" (a relative path, read in the replica's directory {os.getcwd()}: give an "
-                     "absolute path or an s3:// URI)" if "://" not in uri and not
-                     os.path.isabs(os.path.expanduser(uri)) else "")
-            error = f"{e}{where}" if uri in str(e) else f"{uri}: {e}{where}"
-            if error != self.load_error:  # once per new reason, not at every watch interval
-                log.warning("keeping %s: %s", self.current.info["checkpoint"], error)
-            self.load_error = error
-
     @property
-    def source_error(self) -> str | None:
-        """What GET /model reports: why the followed checkpoint is not serving, and what the last
-        user_config had that was ignored; None when neither applies."""
-        return "; ".join(e for e in (self.load_error, self.config_note) if e) or None
+    def current(self) -> Generator:
+        """The model serving now; read once per request, which then runs on it."""
+        return self.models.current
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint; a
-        config without that key returns to the builder's `checkpoint` (Serve configs declare the
-        state wanted). A URI that cannot be loaded does not take the application down: the replica
-        keeps its model, says why in GET /model, and the watcher retries the URI (it may still be
-        uploading). Other keys (a misspelled `checkpoint`) are ignored and named there too."""
-        user_config = user_config or {}
-        unknown = sorted(map(str, set(user_config) - {"checkpoint"}))
-        notes = [f"user_config: unknown key {', '.join(map(repr, unknown))} ignored (its one key "
-                 "is 'checkpoint')"] if unknown else []
-        uri = user_config.get("checkpoint")
-        if uri is None or isinstance(uri, str):
-            self.source = uri or self.cfg.checkpoint
-        else:  # `checkpoint: 5`, a list: not a URI; the replica keeps following what it followed
-            notes.append(f"user_config: checkpoint must be a URI (a winner.json, run or "
-                         f"checkpoint directory), got {uri!r}; still following {self.source}")
-        self.config_note = "; ".join(notes) or None
-        if self.config_note:
-            log.warning(self.config_note)
-        self._follow(self.source)
+        """`user_config: {checkpoint: URI}` in the Serve config swaps the served checkpoint
+        (`Follower.reconfigure`)."""
+        self.models.reconfigure(user_config)
+
+    def __del__(self) -> None:  # Serve calls it when it shuts a replica down
+        if hasattr(self, "models"):
+            self.models.stop()
 
     def check_health(self) -> None:
         if self.current is None:
@@ -287,8 +239,8 @@ class CharRNNServer:
     @app.get("/model")
     async def model(self) -> dict:
         """Which checkpoint is serving."""
-        return {**_public(self.current.info), "source": self.source,
-                "source_error": self.source_error,
+        return {**_public(self.current.info), "source": self.models.source,
+                "source_error": self.models.error,
                 "params": self.current.model.num_params()}
 
     @app.get("/stats")

@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 
-from charrnn import checkpoint
 from charrnn.engine import DONE, Engine, _Group
 from charrnn.generate import generate
 from charrnn.model import CharRNN, ModelConfig
@@ -197,33 +196,3 @@ def test_a_hot_swap_while_a_group_gathers_splits_it_by_model():
     for s, w in zip(streams, want):  # a stream ends with StopIteration, or when the group ends
         end = s.index(StopIteration) if StopIteration in s else len(s)
         assert "".join(s[:end]) == w and set(s[end + 1:]) <= {"", StopIteration}
-
-
-def test_user_config_values_that_are_not_uris_are_named_not_followed(tmp_path, monkeypatch):
-    """`user_config: {checkpoint: 5}` was followed as a URI ("5: 'int' object has no attribute
-    'endswith'"); a relative path that does not load did not say where it was looked for."""
-    import types
-
-    from charrnn.serve import CharRNNServer
-    cls = CharRNNServer.func_or_class
-    followed = []
-    srv = types.SimpleNamespace(cfg=types.SimpleNamespace(checkpoint="/runs/a"), source="/runs/b",
-                                config_note=None, load_error=None, _follow=followed.append)
-    cls.reconfigure(srv, {"checkpoint": 5, "checkpiont": "x"})
-    assert srv.source == "/runs/b" and followed == ["/runs/b"]
-    assert srv.config_note == (
-        "user_config: unknown key 'checkpiont' ignored (its one key is 'checkpoint'); user_config: "
-        "checkpoint must be a URI (a winner.json, run or checkpoint directory), got 5; still "
-        "following /runs/b")
-    cls.reconfigure(srv, {"checkpoint": ""})  # as without the key: the builder's checkpoint
-    assert (srv.source, srv.config_note) == ("/runs/a", None)
-
-    monkeypatch.chdir(tmp_path)
-    srv = types.SimpleNamespace(_swap_if_new=checkpoint.resolve, load_error=None,
-                                current=types.SimpleNamespace(info={"checkpoint": "/runs/a"}))
-    cls._follow(srv, "runs/x")
-    assert srv.load_error == (f"no checkpoint at runs/x: the path does not exist (a "
-                              f"relative path, read in the replica's directory {tmp_path}: give "
-                              "an absolute path or an s3:// URI)")
-    cls._follow(srv, str(tmp_path / "runs/x"))
-    assert srv.load_error.endswith("the path does not exist")
