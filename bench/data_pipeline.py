@@ -69,20 +69,21 @@ def main():
     cfg, vocab, ids = prepare(load_config(str(ROOT / args.config), [f"data.corpus={args.corpus}"]))
     ray.init(num_cpus=2, include_dashboard=False)
     K = split_corpus(ids, cfg.data)[0].num_windows
-    probe_out = tempfile.mktemp(suffix=".json")
-    TorchTrainer(
-        probe, train_loop_config={"config": cfg.to_dict(), "vocab": vocab.chars,
-                                  "ids": ray.put(ids), "run_uri": "", "out": probe_out},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.5}),
-        run_config=RunConfig(name="data", storage_path=tempfile.mkdtemp()),
-        datasets={"train": window_dataset(K, 1)}).fit()
-    ray.shutdown()
-    m = json.loads(Path(probe_out).read_text())
-    out = {"config": args.config, "data_windows_per_s": round(m["data_windows_per_s"]),
-           "train_windows_per_s": round(m["train_windows_per_s"], 1),
-           "ratio": round(m["data_windows_per_s"] / m["train_windows_per_s"], 1)}
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:
+        probe_out = str(Path(tmp) / "probe.json")
+        TorchTrainer(
+            probe, train_loop_config={"config": cfg.to_dict(), "vocab": vocab.chars,
+                                      "ids": ray.put(ids), "run_uri": "", "out": probe_out},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.5}),
+            run_config=RunConfig(name="data", storage_path=tmp),
+            datasets={"train": window_dataset(K, 1)}).fit()
+        ray.shutdown()
+        m = json.loads(Path(probe_out).read_text())
+        out = {"config": args.config, "data_windows_per_s": round(m["data_windows_per_s"]),
+               "train_windows_per_s": round(m["train_windows_per_s"], 1),
+               "ratio": round(m["data_windows_per_s"] / m["train_windows_per_s"], 1)}
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

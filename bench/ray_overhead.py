@@ -32,19 +32,20 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench/results/ray_overhead.json"))
     args = ap.parse_args()
     import ray
-    store = Path(tempfile.mkdtemp(prefix="charrnn-bench-"))
-    base = [f"data.corpus={args.corpus}", f"run.storage={store}", f"train.epochs={args.epochs}",
-            "train.max_minutes=0", "train.threads=2", "train.sample_chars=0"]
-    fit(load_config(str(ROOT / args.config), [*base, "run.name=local"]))
-    ray.init(num_cpus=2, include_dashboard=False)
-    fit(load_config(str(ROOT / args.config), [*base, "run.name=ray1", "scaling.workers=1",
-                                              "scaling.cpus_per_worker=1.5"]))
-    ray.shutdown()
-    local, ray1 = mean_rate(store / "local"), mean_rate(store / "ray1")
-    result = {"config": args.config, "epochs": args.epochs, "local_chars_per_s": round(local),
-              "ray_1_worker_chars_per_s": round(ray1), "ratio": round(ray1 / local, 3)}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:  # the two runs
+        store = Path(tmp)
+        base = [f"data.corpus={args.corpus}", f"run.storage={store}", f"train.epochs={args.epochs}",
+                "train.max_minutes=0", "train.threads=2", "train.sample_chars=0"]
+        fit(load_config(str(ROOT / args.config), [*base, "run.name=local"]))
+        ray.init(num_cpus=2, include_dashboard=False)
+        fit(load_config(str(ROOT / args.config), [*base, "run.name=ray1", "scaling.workers=1",
+                                                  "scaling.cpus_per_worker=1.5"]))
+        ray.shutdown()
+        local, ray1 = mean_rate(store / "local"), mean_rate(store / "ray1")
+        result = {"config": args.config, "epochs": args.epochs, "local_chars_per_s": round(local),
+                  "ray_1_worker_chars_per_s": round(ray1), "ratio": round(ray1 / local, 3)}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,47 +40,47 @@ def main():
     ap.add_argument("--seconds", type=float, default=90)
     ap.add_argument("--out", default=str(ROOT / "bench/results/scale.json"))
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="charrnn-scale-"))
-    corpus = tmp / "big.txt"
-    seed = (ROOT.parent / "shared/data/wonderland.txt").read_text().replace("\r\n", "\n")
-    make_corpus(corpus, int(args.gb * 1e9), seed)
-    peak = {}
-    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="charrnn-scale-") as d:  # the corpus (GBs) and run
+        tmp = Path(d)
+        corpus = tmp / "big.txt"
+        seed = (ROOT.parent / "shared/data/wonderland.txt").read_text().replace("\r\n", "\n")
+        make_corpus(corpus, int(args.gb * 1e9), seed)
+        peak = {}
+        stop = threading.Event()
 
-    def sample():
-        while not stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "RayTrainWorker" in cmd and p.info["memory_info"]:
-                    peak[p.pid] = max(peak.get(p.pid, 0), p.info["memory_info"].rss)
-            time.sleep(0.5)
+        def sample():
+            while not stop.is_set():
+                for p in psutil.process_iter(["cmdline", "memory_info"]):
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if "RayTrainWorker" in cmd and p.info["memory_info"]:
+                        peak[p.pid] = max(peak.get(p.pid, 0), p.info["memory_info"].rss)
+                time.sleep(0.5)
 
-    threading.Thread(target=sample, daemon=True).start()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "jobs/train.py", "--config", "configs/alice.yaml", "--corpus", str(corpus),
-         "--storage", str(tmp / "runs"), "--name", "scale", "--workers", str(args.workers),
-         "--max-minutes", str(args.seconds / 60), "--set", "train.log_every_steps=1",
-         "--set", "train.eval_max_chars=200000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    first_step = None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if first_step is None and " step 1/" in line:
-            first_step = time.monotonic() - t0
-    proc.wait()
-    stop.set()
-    model_mb = 870_509 * 4 * 4 / 1e6  # weights + grads + two AdamW moments, fp32
-    result = {"corpus_bytes": corpus.stat().st_size, "workers": args.workers,
-              "first_step_s": round(first_step, 1) if first_step else None,
-              "peak_rss_per_worker_mb": sorted(round(v / 1e6) for v in peak.values()),
-              "model_state_mb": round(model_mb, 1), "exit_code": proc.returncode}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print("".join(lines[-5:]))
-    print(json.dumps(result, indent=2))
-    corpus.unlink()
+        threading.Thread(target=sample, daemon=True).start()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "jobs/train.py", "--config", "configs/alice.yaml", "--corpus", str(corpus),
+             "--storage", str(tmp / "runs"), "--name", "scale", "--workers", str(args.workers),
+             "--max-minutes", str(args.seconds / 60), "--set", "train.log_every_steps=1",
+             "--set", "train.eval_max_chars=200000"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        first_step = None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if first_step is None and " step 1/" in line:
+                first_step = time.monotonic() - t0
+        proc.wait()
+        stop.set()
+        model_mb = 870_509 * 4 * 4 / 1e6  # weights + grads + two AdamW moments, fp32
+        result = {"corpus_bytes": corpus.stat().st_size, "workers": args.workers,
+                  "first_step_s": round(first_step, 1) if first_step else None,
+                  "peak_rss_per_worker_mb": sorted(round(v / 1e6) for v in peak.values()),
+                  "model_state_mb": round(model_mb, 1), "exit_code": proc.returncode}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print("".join(lines[-5:]))
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

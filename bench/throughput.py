@@ -49,42 +49,43 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config(str(ROOT / args.config), [f"data.corpus={args.corpus}", *args.overrides])
     cfg, vocab, ids = prepare(cfg)
-    trainer = Trainer(cfg, vocab, ids, LocalBackend(tempfile.mkdtemp(), 1, device))
-    # The machine's best fp32 rate: the largest of several sizes, each after a warm-up.
-    peak = max(matmul_flops(n, device) for n in (1024, 2048, 4096))
-    import numpy as np
+    with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:  # nothing is saved
+        trainer = Trainer(cfg, vocab, ids, LocalBackend(tmp, 1, device))
+        # The machine's best fp32 rate: the largest of several sizes, each after a warm-up.
+        peak = max(matmul_flops(n, device) for n in (1024, 2048, 4096))
+        import numpy as np
 
-    from charrnn.data import EpochPlan
-    plan = EpochPlan(trainer.train, 0, 0)
-    idx = np.arange(trainer.K)
-    B = cfg.train.batch_size
+        from charrnn.data import EpochPlan
+        plan = EpochPlan(trainer.train, 0, 0)
+        idx = np.arange(trainer.K)
+        B = cfg.train.batch_size
 
-    def batch(i):
-        sel = idx[(i * B) % (trainer.K - B):][:B]
-        return (torch.from_numpy(a).to(device) for a in plan.batch(sel))
+        def batch(i):
+            sel = idx[(i * B) % (trainer.K - B):][:B]
+            return (torch.from_numpy(a).to(device) for a in plan.batch(sel))
 
-    for i in range(3):
-        trainer._train_step(*batch(i))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for i in range(args.steps):
-        trainer._train_step(*batch(i))  # .item() inside syncs each step, as in training
-    dt = time.perf_counter() - t
-    chars_per_s = args.steps * B * cfg.data.seq_len / dt
-    flops = 3 * trainer.model.flops_per_char() * chars_per_s
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "config": args.config,
-              "overrides": args.overrides, "fp32_matmul_gflops": round(peak / 1e9, 1),
-              "train_chars_per_s": round(chars_per_s), "train_gflops": round(flops / 1e9, 1),
-              "ratio": round(flops / peak, 3), "precision": trainer.cfg.train.precision,
-              "autocast": "bf16" if trainer.autocast.__class__.__name__ == "autocast" else "fp32"}
-    if device == "cuda":
-        result["bf16_matmul_gflops"] = round(matmul_flops(8192, device, torch.bfloat16) / 1e9, 1)
-        result["mfu_vs_bf16"] = round(flops / (result["bf16_matmul_gflops"] * 1e9), 4)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+        for i in range(3):
+            trainer._train_step(*batch(i))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(args.steps):
+            trainer._train_step(*batch(i))  # .item() inside syncs each step, as in training
+        dt = time.perf_counter() - t
+        chars_per_s = args.steps * B * cfg.data.seq_len / dt
+        flops = 3 * trainer.model.flops_per_char() * chars_per_s
+        result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                  "threads": torch.get_num_threads(), "config": args.config,
+                  "overrides": args.overrides, "fp32_matmul_gflops": round(peak / 1e9, 1),
+                  "train_chars_per_s": round(chars_per_s), "train_gflops": round(flops / 1e9, 1),
+                  "ratio": round(flops / peak, 3), "precision": trainer.cfg.train.precision,
+                  "autocast": "bf16" if trainer.autocast.__class__.__name__ == "autocast" else "fp32"}
+        if device == "cuda":
+            result["bf16_matmul_gflops"] = round(matmul_flops(8192, device, torch.bfloat16) / 1e9, 1)
+            result["mfu_vs_bf16"] = round(flops / (result["bf16_matmul_gflops"] * 1e9), 4)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
