@@ -127,3 +127,64 @@ def test_dockerfile_installs_the_pinned_ray_and_torch():
     text = (ROOT / "Dockerfile").read_text()
     assert "rayproject/ray:2.60.0" in text and "TORCH_VERSION=2.13.0" in text
     assert Path(ROOT / ".dockerignore").read_text().count(".venv")
+
+
+def test_the_image_holds_what_its_jobs_and_manifests_need(tmp_path, corpus_path):
+    """No Docker daemon here to build the image: this lays out its working directory from the
+    Dockerfile's own COPY lines and runs the jobs there, so a job that needs a file the image
+    lacks (a module outside `charrnn/`, a config) fails here. `jobs/*.py` put their parent
+    directory first on sys.path, so `charrnn` is imported from the copy, as in the image."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    lines = [shlex.split(line) for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    workdir = next(words[1] for words in lines if words[:1] == ["WORKDIR"])
+    image = tmp_path / "image"
+    for words in lines:
+        if words[:1] == ["COPY"]:
+            *sources, dest = words[1:]
+            target = image / dest
+            for src in sources:
+                to = target / src if dest.endswith("/") else target
+                to.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if (ROOT / src).is_dir() else shutil.copy)(ROOT / src, to)
+    # Every container of the manifests runs in the image's working directory (its WORKDIR
+    # unless the manifest names it), where the RayJob's entrypoint finds its script and config.
+    def containers(node):
+        if isinstance(node, dict):
+            yield from node.get("containers", [])
+            node = list(node.values())
+        for v in node if isinstance(node, list) else []:
+            yield from containers(v)
+
+    for path in MANIFESTS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            for c in containers(doc):
+                assert c.get("workingDir", workdir) == workdir, f"{path.name}: {c['name']}"
+    argv = shlex.split(yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]["entrypoint"])
+    for arg in argv[1:]:
+        if arg.endswith((".py", ".yaml")):
+            assert (image / arg).is_file(), f"{arg} (the RayJob's entrypoint) is not in the image"
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Without the editable install's finder (`make install`), which would find a module the
+    # copy lacks in this checkout.
+    alone = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in str(f)]; "
+
+    def run(code, *args):
+        p = subprocess.run([sys.executable, "-c", alone + code, *args], cwd=image, text=True,
+                           capture_output=True, timeout=240, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    job = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    run(job, "jobs/train.py", "--config", "configs/tiny.yaml", "--corpus", str(corpus_path),
+        "--storage", str(tmp_path / "runs"), "--name", "img", "--epochs", "1")
+    text = run(job, "jobs/generate.py", "--checkpoint", str(tmp_path / "runs" / "img"),
+               "--prompt", "alice", "--max-chars", "20", "--seed", "1")
+    assert text.startswith("alice") and len(text.rstrip("\n")) == 25
+    out = run("import charrnn.serve as s, yaml; print(s.__file__); s.build_app({'checkpoint': "
+              f"{str(tmp_path / 'runs' / 'img')!r}}}); yaml.safe_load(open('serve_config.yaml'))")
+    assert out.startswith(str(image / "charrnn"))
