@@ -28,9 +28,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/alice.yaml")
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared/data/wonderland.txt"))
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=4, help="at least 2: the first is a warm-up")
     ap.add_argument("--out", default=str(ROOT / "bench/results/ray_overhead.json"))
     args = ap.parse_args()
+    if args.epochs < 2:  # the rates are the mean of the epochs after the first
+        ap.error(f"--epochs must be at least 2 (the first is a warm-up, not measured), got {args.epochs}")
     import ray
     with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:  # the two runs
         store = Path(tmp)
