@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from argtypes import at_least  # bench/, first on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,9 +45,9 @@ def generate_window_rerun(model: CharRNN, vocab: Vocab, prompt: str, n: int, win
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", help="checkpoint URI (default: an untrained alice-sized model)")
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--chars", type=int, default=1000)
-    ap.add_argument("--baseline-chars", type=int, default=300)
+    ap.add_argument("--prompts", type=at_least(1), default=64)
+    ap.add_argument("--chars", type=at_least(1), default=1000)
+    ap.add_argument("--baseline-chars", type=at_least(1), default=300)
     ap.add_argument("--out", default=str(ROOT / "bench/results/generation.json"))
     args = ap.parse_args()
     if args.checkpoint:

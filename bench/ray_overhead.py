@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from argtypes import at_least  # bench/, first on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -28,11 +30,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/alice.yaml")
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared/data/wonderland.txt"))
-    ap.add_argument("--epochs", type=int, default=4, help="at least 2: the first is a warm-up")
+    ap.add_argument("--epochs", type=at_least(2), default=4, help="at least 2: the first is a warm-up")
     ap.add_argument("--out", default=str(ROOT / "bench/results/ray_overhead.json"))
     args = ap.parse_args()
-    if args.epochs < 2:  # the rates are the mean of the epochs after the first
-        ap.error(f"--epochs must be at least 2 (the first is a warm-up, not measured), got {args.epochs}")
     import ray
     with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:  # the two runs
         store = Path(tmp)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import psutil
+from argtypes import at_least, positive  # bench/, first on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -35,9 +36,9 @@ def make_corpus(path: Path, size: int, seed_text: str) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--gb", type=float, default=1.0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=90)
+    ap.add_argument("--gb", type=positive, default=1.0)
+    ap.add_argument("--workers", type=at_least(1), default=2)
+    ap.add_argument("--seconds", type=positive, default=90)
     ap.add_argument("--out", default=str(ROOT / "bench/results/scale.json"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="charrnn-scale-") as d:  # the corpus (GBs) and run

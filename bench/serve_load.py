@@ -33,6 +33,7 @@ from pathlib import Path
 
 import aiohttp
 import requests
+from argtypes import at_least, non_negative  # bench/, first on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -214,17 +215,18 @@ async def reliability(session, url: str, run: Path, args, one) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", required=True, help="a run directory with >= 2 checkpoints")
-    ap.add_argument("--chars", type=int, default=200)
-    ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--total", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--flood", type=int, default=2000,
+    ap.add_argument("--chars", type=at_least(1), default=200)
+    ap.add_argument("--clients", type=at_least(1), default=64)
+    ap.add_argument("--total", type=at_least(1), default=2000)
+    ap.add_argument("--concurrency", type=at_least(1), default=32)
+    ap.add_argument("--flood", type=at_least(0), default=2000,
                     help="requests sent at once to see load shedding (0: skip)")
-    ap.add_argument("--rounds", type=int, default=3, help="sequential + concurrent rounds (median kept)")
+    ap.add_argument("--rounds", type=at_least(1), default=3,
+                    help="sequential + concurrent rounds (median kept)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--batch-wait", type=float, default=ServeConfig.batch_wait_timeout_s,
+    ap.add_argument("--batch-wait", type=non_negative, default=ServeConfig.batch_wait_timeout_s,
                     help="batch_wait_timeout_s (default: the ServeConfig default)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in the replica")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads in the replica")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="clients talk to the replica's own HTTP server (no proxy)")
     ap.add_argument("--out", help="result JSON (default bench/results/serve_load[_direct].json)")

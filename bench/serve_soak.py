@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import requests
+from argtypes import at_least  # bench/, first on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,9 +71,9 @@ def log_counts(logs: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a run directory with winner.json")
-    ap.add_argument("--waves", type=int, default=10)
-    ap.add_argument("--requests", type=int, default=1500, help="requests per wave")
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--waves", type=at_least(1), default=10)
+    ap.add_argument("--requests", type=at_least(1), default=1500, help="requests per wave")
+    ap.add_argument("--concurrency", type=at_least(1), default=32)
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_soak.json"))
     args = ap.parse_args()
     import ray

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from argtypes import at_least  # bench/, first on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,7 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/alice.yaml")
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared/data/wonderland.txt"))
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=at_least(1), default=30)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "bench/results/throughput.json"))
     args = ap.parse_args()

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from argtypes import positive  # bench/, first on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,8 +21,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared/data/wonderland.txt"))
     ap.add_argument("--config", default="configs/alice.yaml")
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--target", type=float, default=1.40)
+    ap.add_argument("--minutes", type=positive, default=5.0)
+    ap.add_argument("--target", type=positive, default=1.40)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_quality.json"))
     args = ap.parse_args()

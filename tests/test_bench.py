@@ -1,0 +1,33 @@
+"""The bench scripts are not run by the tests (their figures go to BENCHMARKS.md), but each one
+starts: its imports resolve and its arguments parse, and a count out of range is a usage error."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name != "argtypes.py")
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_bench_script_starts(script):
+    p = bench(f"bench/{script}", "--help")
+    assert p.returncode == 0 and "usage:" in p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("args, error", [
+    (["generation.py", "--baseline-chars", "0"], "argument --baseline-chars: must be at least 1, got 0"),
+    (["ray_overhead.py", "--epochs", "1"], "argument --epochs: must be at least 2, got 1"),
+    (["train_quality.py", "--minutes", "nan"], "argument --minutes: must be a number above 0, got nan"),
+    (["serve_load.py", "--run", "r", "--clients", "x"], "argument --clients: 'x' is not an integer"),
+])
+def test_a_bench_argument_out_of_range_is_a_usage_error(args, error):
+    p = bench(f"bench/{args[0]}", *args[1:])
+    assert p.returncode == 2 and p.stderr.strip().endswith(error), p.stderr
