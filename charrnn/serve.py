@@ -230,7 +230,7 @@ class CharRNNServer:
                 rows[0].cancelled.set()
 
         return _Stream(chars(), media_type="text/plain; charset=utf-8",
-                                 headers={"X-Charrnn-Checkpoint": info["checkpoint"]})
+                       headers={"X-Charrnn-Checkpoint": info["checkpoint"]})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

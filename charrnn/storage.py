@@ -151,8 +151,6 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         raise _local_error(uri, e) from None
 
 
-
-
 def tidy_local(uri: str) -> list[str]:
     """Finish what a killed process (SIGKILL, the OOM killer) left of `upload_dir` and
     `write_bytes` in local directory `uri`, whose run lock the caller holds; -> log lines.
