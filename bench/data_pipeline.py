@@ -67,7 +67,7 @@ def main():
     from charrnn.data import split_corpus
     from charrnn.trainer import prepare, window_dataset
     cfg, vocab, ids = prepare(load_config(str(ROOT / args.config), [f"data.corpus={args.corpus}"]))
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     K = split_corpus(ids, cfg.data)[0].num_windows
     with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:
         probe_out = str(Path(tmp) / "probe.json")

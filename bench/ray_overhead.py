@@ -39,7 +39,7 @@ def main():
         base = [f"data.corpus={args.corpus}", f"run.storage={store}", f"train.epochs={args.epochs}",
                 "train.max_minutes=0", "train.threads=2", "train.sample_chars=0"]
         fit(load_config(str(ROOT / args.config), [*base, "run.name=local"]))
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         fit(load_config(str(ROOT / args.config), [*base, "run.name=ray1", "scaling.workers=1",
                                                   "scaling.cpus_per_worker=1.5"]))
         ray.shutdown()

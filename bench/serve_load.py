@@ -248,7 +248,7 @@ def main():
             os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(replica_port),
                                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(replica_port + 1)})
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"checkpoint": str(run / "winner.json"), "watch_interval_s": 1,

@@ -81,7 +81,7 @@ def main() -> None:
 
     from charrnn.serve import build_app
     from tests.services import free_port, wait_for
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(Path(args.run).resolve() / "winner.json")}),

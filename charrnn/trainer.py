@@ -115,23 +115,30 @@ def _oom_failure(e: Exception) -> BaseException | None:
 
 
 def connect_ray() -> None:
-    """`ray.init` on RAY_ADDRESS (set by `ray job submit`, or by hand), else a new cluster of this
-    machine. An address with no cluster behind it is one line, where Ray would retry for minutes."""
+    """`ray.init` on RAY_ADDRESS (set by `ray job submit`, or by hand), else on the cluster the
+    last `ray start` of this machine recorded, else a new cluster of this machine. An address
+    with no cluster behind it is one line, where Ray would retry for minutes."""
     import socket
 
     import ray
     address = os.environ.get("RAY_ADDRESS", "")
-    where = f"RAY_ADDRESS={address}" if address else "a new cluster of this machine"
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    recorded, record = ("", "") if address else last_ray_start()
+    if address:
+        where, fix = f"RAY_ADDRESS={address}", ("start one (`ray start --head`), fix the address, "
+                                                "or unset RAY_ADDRESS to train on this machine alone")
+    else:
+        where = (f"{recorded}, which the last `ray start` on this machine recorded in {record}"
+                 if recorded else "a new cluster of this machine")
+        fix = ("start that cluster again, or run `ray stop` (it clears the record) to train on "
+               "this machine alone")
+    host, sep, port = (address or recorded).removeprefix("ray://").rpartition(":")
     hint = ""
     if sep and host and port.isdigit():
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
         except OSError as e:
-            raise CharrnnError(
-                f"no Ray cluster answers at {where} ({e.strerror or e}): start one (`ray start "
-                "--head`), fix the address, or unset RAY_ADDRESS to train on this machine alone"
-            ) from None
+            raise CharrnnError(f"no Ray cluster answers at {where} ({e.strerror or e}): {fix}"
+                               ) from None
         hint = ("; the address answers, so check the token: a cluster with token authentication "
                 "needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
     try:
@@ -139,6 +146,20 @@ def connect_ray() -> None:
     except ConnectionError as e:  # no cluster for RAY_ADDRESS=auto, a refused token
         raise CharrnnError(f"cannot connect to a Ray cluster ({where}): "
                            f"{str(e).splitlines()[0]}{hint}") from None
+
+
+def last_ray_start() -> tuple[str, str]:
+    """(address, file) of the cluster the last `ray start` on this machine recorded, which a
+    plain `ray.init()` joins; ("", "") if none. The file is Ray's own: <RAY_TMPDIR, TMPDIR or
+    /tmp>/ray/ray_current_cluster, written by `ray start` and removed by `ray stop`; a head that
+    died without `ray stop` leaves it behind."""
+    try:
+        from ray._common.utils import get_ray_address_file
+        path = get_ray_address_file(None)
+        with open(path) as f:
+            return f.read().strip(), path
+    except (ImportError, OSError):
+        return "", ""
 
 
 def check_resources(workers: int, cpus: float, gpus: float, have: dict, fixed: bool) -> None:
@@ -192,8 +213,10 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
 
     from charrnn.binding import NodeBoundTorchConfig
 
-    # A cluster this process starts is this machine alone: nothing will join it later.
-    local_cluster = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    # A cluster this process starts is this machine alone: nothing will join it later (one that
+    # `ray start` recorded may grow, as one behind RAY_ADDRESS may).
+    local_cluster = (not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+                     and not last_ray_start()[0])
     if not ray.is_initialized():
         connect_ray()
     sc, have = cfg.scaling, ray.cluster_resources()

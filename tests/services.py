@@ -3,7 +3,7 @@
 - `moto_server`: an S3-compatible HTTP server standing in for MinIO; the code under test talks
   to it through boto3 / pyarrow exactly as to MinIO.
 - `ray_head`: `ray start --head` on loopback with token authentication (a fresh random token,
-  passed through RAY_AUTH_TOKEN so ~/.ray is untouched).
+  passed through RAY_AUTH_TOKEN so ~/.ray is untouched); it stops alone, never by `ray stop`.
 - `watch_listeners`: every listening socket of Ray's processes that is not on loopback.
 """
 
@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -140,14 +141,22 @@ def bucket_objects(env: dict, bucket: str) -> dict[str, bytes]:
 
 @contextlib.contextmanager
 def ray_head(extra_env: dict | None = None, num_cpus: int = 2):
-    """`ray start --head` on loopback with token auth; yields (env for clients, dashboard URL)."""
+    """`ray start --head` on loopback with token auth; yields (env for clients, dashboard URL,
+    GCS address).
+
+    The head stops alone: `ray stop` would stop every Ray process of the machine, including an
+    in-process cluster the calling test module still holds, whose driver (pytest itself) then
+    exits with status 1 without a word. So the head runs with `--block` in its own session and
+    its own temp dir (its `ray_current_cluster` file stays there, and no later `ray.init()`
+    finds a dead address), and teardown ends exactly its process tree.
+    """
+    import psutil
     port, dash = free_port(), free_port()
     env = {**os.environ, **(extra_env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            # `python` in a job's entrypoint is this venv's, as in an activated venv or image
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    ray = str(BIN / "ray")
     # Every port free, so this head can run beside another local cluster (say, an in-process
     # one a test module holds): otherwise its dashboard agent cannot bind the default port and
     # the head never accepts job submissions ("No available agent").
@@ -155,14 +164,40 @@ def ray_head(extra_env: dict | None = None, num_cpus: int = 2):
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
         "object-manager-port")}
-    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             f"--num-cpus={num_cpus}", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
-             *sorted(ports)]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-    url = f"http://127.0.0.1:{dash}"
+    # A short path: Ray's Unix sockets live under it (108 bytes at most on Linux).
+    temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+    start = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             "--disable-usage-stats", f"--temp-dir={temp}", *sorted(ports)]
+    log = open(Path(temp) / "ray-start.log", "w")
+    head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        wait_for(lambda: _port_open(dash), 60, "the Ray dashboard")
-        yield env, url, f"127.0.0.1:{port}"
+        def up():
+            if head.poll() is not None:
+                raise RuntimeError(f"`ray start --head` exited with {head.returncode}:\n"
+                                   + (Path(temp) / "ray-start.log").read_text()[-3000:])
+            return _port_open(dash)
+        wait_for(up, 120, "the Ray dashboard")
+        yield env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_tree(psutil, head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_tree(psutil, proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM to `ray start --block` (it stops the processes it started), then SIGKILL to
+    whatever of its tree is left after `grace` seconds (workers the raylet started, say)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    proc.wait(10)

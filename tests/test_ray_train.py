@@ -37,7 +37,7 @@ def ray_local(s3):
     after the S3 variables are set: like cluster nodes, its workers read credentials from their
     own environment."""
     import ray
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
 
@@ -530,7 +530,8 @@ def test_ctrl_c_ends_a_ray_run_in_one_line_and_it_resumes(corpus_path, tmp_path,
     assert "resuming run 'int' from its checkpoint at step" in again.stdout + again.stderr
 
 
-def test_ray_job_submit_end_to_end(corpus_path):
+def test_ray_job_submit_end_to_end(ray_local, corpus_path):
+    import ray as ray_api
     with moto_server() as s3env:
         s3_client(s3env).create_bucket(Bucket="jobs")
         with ray_head(extra_env=s3env) as (env, dashboard, address):
@@ -558,6 +559,9 @@ def test_ray_job_submit_end_to_end(corpus_path):
             assert p.stderr.strip().splitlines()[-1].startswith(
                 f"error: cannot connect to a Ray cluster (RAY_ADDRESS={address}): ")
             assert "needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN" in p.stderr
+        # The head stopped alone: `ray stop` in its teardown also killed this module's
+        # in-process cluster, and a minute later its driver, pytest, exited with status 1.
+        assert ray_api.get(ray_api.remote(lambda: 7).remote(), timeout=60) == 7
         objects = bucket_objects(s3env, "jobs")
         assert "runs/submitted/winner.json" in objects
         g = run_job("generate.py", "--checkpoint", "s3://jobs/runs/submitted/winner.json",

@@ -26,7 +26,7 @@ def serve_base():
     """Ray + Serve in this process, HTTP on 127.0.0.1 (token auth on for the cluster)."""
     import ray
     from ray import serve
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -578,6 +578,27 @@ def test_a_ray_address_with_no_cluster_is_one_line(monkeypatch):
         connect_ray()
 
 
+def test_a_dead_cluster_left_on_record_by_ray_start_is_one_line(capfd, corpus_path, tmp_path,
+                                                               monkeypatch):
+    """A head that died without `ray stop` leaves its address in Ray's ray_current_cluster file,
+    which a plain `ray.init()` joins: `jobs/train.py --workers 1` then retried it for minutes
+    (over 5 measured), printing only Ray's GCS warnings."""
+    from tests.services import free_port
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    record.write_text(f"127.0.0.1:{free_port()}")
+    line = _error_line(call_job(capfd, "train.py", "--config", "configs/tiny.yaml", "--workers",
+                                "1", "--corpus", str(corpus_path), "--storage",
+                                str(tmp_path / "runs")))
+    assert re.fullmatch(
+        r"error: no Ray cluster answers at 127\.0\.0\.1:\d+, which the last `ray start` on this "
+        rf"machine recorded in {re.escape(str(record))} \(Connection refused\): start that "
+        r"cluster again, or run `ray stop` \(it clears the record\) to train on this machine "
+        r"alone", line), line
+
+
 def test_resources_a_cluster_cannot_supply():
     from charrnn.errors import CharrnnError
     from charrnn.trainer import check_resources
