@@ -7,6 +7,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "wonderland.txt"
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback
+TRACE = os.environ.get("CHARRNN_TEST_TRACE")  # .ci/run's: the test that was running
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """Name each test in $CHARRNN_TEST_TRACE as it starts. A Ray driver whose cluster died ends
+    its process with status 1 from C++, past every Python hook: pytest then stops mid-line with
+    no summary, and this file is what says which test it was in."""
+    if TRACE:
+        Path(TRACE).write_text(nodeid + "\n")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that reached its summary removes the trace: one left means pytest died mid-test."""
+    if TRACE:
+        Path(TRACE).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
