@@ -170,20 +170,24 @@ def ray_head(extra_env: dict | None = None, num_cpus: int = 2):
              f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
              "--disable-usage-stats", f"--temp-dir={temp}", *sorted(ports)]
-    log = open(Path(temp) / "ray-start.log", "w")
-    head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = Path(temp) / "ray-start.log"
+
+    def up():
+        if head.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {head.returncode}:\n"
+                               + log.read_text()[-3000:])
+        return _port_open(dash)
+
     try:
-        def up():
-            if head.poll() is not None:
-                raise RuntimeError(f"`ray start --head` exited with {head.returncode}:\n"
-                                   + (Path(temp) / "ray-start.log").read_text()[-3000:])
-            return _port_open(dash)
-        wait_for(up, 120, "the Ray dashboard")
-        yield env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            head = subprocess.Popen(start, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            wait_for(up, 120, "the Ray dashboard")
+            yield env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
+        finally:
+            _stop_tree(psutil, head)
     finally:
-        _stop_tree(psutil, head)
-        log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
