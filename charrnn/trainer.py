@@ -114,10 +114,11 @@ def _oom_failure(e: Exception) -> BaseException | None:
     return next((base for _, base in _worker_errors(e) if out_of_memory(base) is not None), None)
 
 
-def connect_ray() -> None:
+def connect_ray() -> bool:
     """`ray.init` on RAY_ADDRESS (set by `ray job submit`, or by hand), else on the cluster the
     last `ray start` of this machine recorded, else a new cluster of this machine. An address
-    with no cluster behind it is one line, where Ray would retry for minutes."""
+    with no cluster behind it is one line, where Ray would retry for minutes. -> True for the
+    new cluster: it is this machine alone and nothing will join it later (the others may grow)."""
     import socket
 
     import ray
@@ -146,6 +147,7 @@ def connect_ray() -> None:
     except ConnectionError as e:  # no cluster for RAY_ADDRESS=auto, a refused token
         raise CharrnnError(f"cannot connect to a Ray cluster ({where}): "
                            f"{str(e).splitlines()[0]}{hint}") from None
+    return not (address or recorded)
 
 
 def last_ray_start() -> tuple[str, str]:
@@ -213,12 +215,7 @@ def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:
 
     from charrnn.binding import NodeBoundTorchConfig
 
-    # A cluster this process starts is this machine alone: nothing will join it later (one that
-    # `ray start` recorded may grow, as one behind RAY_ADDRESS may).
-    local_cluster = (not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-                     and not last_ray_start()[0])
-    if not ray.is_initialized():
-        connect_ray()
+    local_cluster = connect_ray() if not ray.is_initialized() else False
     sc, have = cfg.scaling, ray.cluster_resources()
     gpus = sc.gpus_per_worker
     if gpus is None:
