@@ -34,6 +34,7 @@ from pathlib import Path
 import aiohttp
 import requests
 from argtypes import at_least, non_negative  # bench/, first on sys.path when a script runs
+from local_serve import serve_app
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -238,32 +239,22 @@ def main():
         run = Path(tmp) / "run"
         shutil.copytree(args.run, run)
         engine_alone = engine_gain(run / "winner.json", args)
-        import ray
-        from ray import serve
-
-        from charrnn.serve import build_app
         from tests.services import free_port, wait_for
         if args.direct_ingress:  # read by Serve's processes at start: set before the cluster starts
             replica_port = free_port()
             os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(replica_port),
                                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(replica_port + 1)})
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"checkpoint": str(run / "winner.json"), "watch_interval_s": 1,
-                             "max_batch_size": 64, "batch_wait_timeout_s": args.batch_wait,
-                             "precision": args.precision, "threads": args.threads}),
-                  name="bench", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 120, "serve")
-        if args.direct_ingress:  # one replica: the first port of the range
-            url = f"http://127.0.0.1:{replica_port}"
-            wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 60, "direct ingress")
-        result = asyncio.run(load(url, run, args))
+        app = {"checkpoint": str(run / "winner.json"), "watch_interval_s": 1,
+               "max_batch_size": 64, "batch_wait_timeout_s": args.batch_wait,
+               "precision": args.precision, "threads": args.threads}
+        with serve_app(app, "bench") as url:
+            if args.direct_ingress:  # one replica: the first port of the range
+                url = f"http://127.0.0.1:{replica_port}"
+                wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 60,
+                         "direct ingress")
+            result = asyncio.run(load(url, run, args))
         result.update(engine_alone)
-        serve.shutdown()
-        ray.shutdown()
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
 

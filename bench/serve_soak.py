@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import requests
 from argtypes import at_least  # bench/, first on sys.path when a script runs
+from local_serve import serve_app
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,29 +78,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_soak.json"))
     args = ap.parse_args()
     import ray
-    from ray import serve
-
-    from charrnn.serve import build_app
-    from tests.services import free_port, wait_for
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": str(Path(args.run).resolve() / "winner.json")}),
-              name="soak", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 120, "serve")
-    result = {"run": args.run, "rss_start_mb": replica_rss_mb("soak"), "waves": []}
-    for w in range(args.waves):
-        t = time.monotonic()
-        statuses = asyncio.run(wave(url, args.requests, args.concurrency))
-        time.sleep(2)  # cancelled rows leave the batch
-        result["waves"].append({"statuses": statuses, "seconds": round(time.monotonic() - t, 1),
-                                "rss_mb": replica_rss_mb("soak")})
-        print(f"wave {w}: {result['waves'][-1]}", flush=True)
-    result["stats"] = requests.get(url + "/stats", timeout=5).json()
-    result["log"] = log_counts(Path(ray._private.worker._global_node.get_logs_dir_path()))
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app({"checkpoint": str(Path(args.run).resolve() / "winner.json")}, "soak") as url:
+        result = {"run": args.run, "rss_start_mb": replica_rss_mb("soak"), "waves": []}
+        for w in range(args.waves):
+            t = time.monotonic()
+            statuses = asyncio.run(wave(url, args.requests, args.concurrency))
+            time.sleep(2)  # cancelled rows leave the batch
+            result["waves"].append({"statuses": statuses,
+                                    "seconds": round(time.monotonic() - t, 1),
+                                    "rss_mb": replica_rss_mb("soak")})
+            print(f"wave {w}: {result['waves'][-1]}", flush=True)
+        result["stats"] = requests.get(url + "/stats", timeout=5).json()
+        result["log"] = log_counts(Path(ray._private.worker._global_node.get_logs_dir_path()))
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "waves"}, indent=2))
 

@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name != "argtypes.py")
+HELPERS = {"argtypes.py", "local_serve.py"}  # imported by the scripts, not run
+SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name not in HELPERS)
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
