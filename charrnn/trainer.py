@@ -116,9 +116,10 @@ def _oom_failure(e: Exception) -> BaseException | None:
 
 def connect_ray() -> bool:
     """`ray.init` on RAY_ADDRESS (set by `ray job submit`, or by hand), else on the cluster the
-    last `ray start` of this machine recorded, else a new cluster of this machine. An address
-    with no cluster behind it is one line, where Ray would retry for minutes. -> True for the
-    new cluster: it is this machine alone and nothing will join it later (the others may grow)."""
+    last `ray start` of this machine recorded, else a new cluster of this machine (also what
+    RAY_ADDRESS=local asks for, Ray's own word, whatever is on record). An address with no
+    cluster behind it is one line, where Ray would retry for minutes. -> True for a new
+    cluster: it is this machine alone and nothing will join it later (the others may grow)."""
     import socket
 
     import ray
@@ -130,8 +131,8 @@ def connect_ray() -> bool:
     else:
         where = (f"{recorded}, which the last `ray start` on this machine recorded in {record}"
                  if recorded else "a new cluster of this machine")
-        fix = ("start that cluster again, or run `ray stop` (it clears the record) to train on "
-               "this machine alone")
+        fix = ("start that cluster again, or run `ray stop` (it clears the record) or set "
+               "RAY_ADDRESS=local to train on this machine alone")
     host, sep, port = (address or recorded).removeprefix("ray://").rpartition(":")
     hint = ""
     if sep and host and port.isdigit():
@@ -147,7 +148,7 @@ def connect_ray() -> bool:
     except ConnectionError as e:  # no cluster for RAY_ADDRESS=auto, a refused token
         raise CharrnnError(f"cannot connect to a Ray cluster ({where}): "
                            f"{str(e).splitlines()[0]}{hint}") from None
-    return not (address or recorded)
+    return address == "local" or not (address or recorded)
 
 
 def last_ray_start() -> tuple[str, str]:

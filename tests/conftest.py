@@ -7,6 +7,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "wonderland.txt"
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback
+# Every Ray job a test starts gets a new cluster of this machine: never one a developer's
+# `ray start` left on record, nor a RAY_ADDRESS of their shell (tests that want a cluster
+# start one and say so: tests/services.py::ray_head).
+os.environ["RAY_ADDRESS"] = "local"
 TRACE = os.environ.get("CHARRNN_TEST_TRACE")  # .ci/run's: the test that was running
 
 

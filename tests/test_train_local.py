@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -595,8 +596,31 @@ def test_a_dead_cluster_left_on_record_by_ray_start_is_one_line(capfd, corpus_pa
     assert re.fullmatch(
         r"error: no Ray cluster answers at 127\.0\.0\.1:\d+, which the last `ray start` on this "
         rf"machine recorded in {re.escape(str(record))} \(Connection refused\): start that "
-        r"cluster again, or run `ray stop` \(it clears the record\) to train on this machine "
-        r"alone", line), line
+        r"cluster again, or run `ray stop` \(it clears the record\) or set RAY_ADDRESS=local to "
+        r"train on this machine alone", line), line
+
+
+def test_ray_address_local_is_a_new_cluster_whatever_is_on_record(tmp_path, monkeypatch):
+    """RAY_ADDRESS=local (Ray's word) is the way past a dead record without `ray stop`: no
+    probe of the recorded address, and the new cluster counts as this machine alone (too many
+    workers is an error, not a wait)."""
+    import ray
+
+    from charrnn.trainer import connect_ray
+    from tests.services import free_port
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    record.write_text(f"127.0.0.1:{free_port()}")
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(os.environ.get("RAY_ADDRESS")))
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert connect_ray() is True and calls == ["local"]
+    monkeypatch.delenv("RAY_ADDRESS")
+    record.unlink()
+    assert connect_ray() is True  # nothing on record: a new cluster too
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert connect_ray() is False  # `ray start`'s cluster, which may grow
 
 
 def test_resources_a_cluster_cannot_supply():
