@@ -12,6 +12,7 @@ client disconnected) leaves within `CANCEL_CHECK_STEPS` steps instead of running
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,10 @@ class Engine:
     is active. Groups that want whole texts wake their caller once.
     """
 
+    # A pass of the loop that lasts longer is stuck (`stalled_s`). The longest honest pass
+    # prefills all that joined at once: a replica's 256 ongoing requests' prompts.
+    stall_limit_s: float = 300.0
+
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
         self.model, self.vocab, self.device = model, vocab, torch.device(device)
         self.stepper = Stepper(model, dtype)
@@ -71,6 +76,7 @@ class Engine:
         self._pending: list = []
         self._thread: threading.Thread | None = None
         self.max_rows = 0  # the most rows stepped together so far
+        self._beat = 0.0  # time.monotonic() when the loop last began a pass
         self.active_rows = 0  # rows stepping now
 
     def submit(self, prompts: Sequence[str], params: Sequence[SampleParams], emit: Callable,
@@ -88,8 +94,16 @@ class Engine:
         with self._lock:
             self._pending.append((list(prompts), list(params), group))
             if self._thread is None:
+                self._beat = time.monotonic()
                 self._thread = threading.Thread(target=self._run, daemon=True, name="engine")
                 self._thread.start()
+
+    def stalled_s(self) -> float:
+        """Seconds since the stepping loop last began a pass (a prefill of the groups that
+        join, then one step), while it has work; 0 when idle. A loop stuck inside a pass (a hung
+        device or kernel) never fails its groups: only this shows it."""
+        with self._lock:
+            return time.monotonic() - self._beat if self._thread is not None else 0.0
 
     def _run(self) -> None:
         b, new = _Batch(self), []
@@ -97,6 +111,7 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._lock:
+                        self._beat = time.monotonic()
                         new, self._pending = self._pending, []
                         if not new and not b.rows:
                             self._thread = None  # idle: the next submit starts a new thread

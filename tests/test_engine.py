@@ -196,3 +196,38 @@ def test_a_hot_swap_while_a_group_gathers_splits_it_by_model():
     for s, w in zip(streams, want):  # a stream ends with StopIteration, or when the group ends
         end = s.index(StopIteration) if StopIteration in s else len(s)
         assert "".join(s[:end]) == w and set(s[end + 1:]) <= {"", StopIteration}
+
+
+def test_a_loop_stuck_in_a_step_shows_in_stalled_s_and_fails_the_health_check(model):
+    """A failed step fails its groups; a step that never returns (a hung device) would leave
+    them waiting forever, and only the replica's health check can end that."""
+    import types
+
+    from charrnn import serve
+    engine = Engine(model, VOCAB)
+    assert engine.stalled_s() == 0.0  # idle
+    release, stepper = threading.Event(), engine.stepper
+
+    class Stuck:
+        fused, state_in = stepper.fused, stepper.state_in
+
+        def __call__(self, ids, state):
+            release.wait(30)
+            return stepper(ids, state)
+
+    engine.stepper = Stuck()
+    out, done, errors = collect(engine, ["the "], [SampleParams(5, seed=1)])
+    time.sleep(0.3)
+    assert engine.stalled_s() >= 0.25
+    replica = types.SimpleNamespace(current=types.SimpleNamespace(engine=engine))
+    check = serve.CharRNNServer.func_or_class.check_health
+    check(replica)  # not yet past the limit
+    engine.stall_limit_s = 0.2
+    with pytest.raises(RuntimeError, match=r"stuck in one step for 0 s \(more than 0.2 s\)"):
+        check(replica)
+    release.set()
+    assert done.wait(30) and not errors and len("".join(out[0])) == 5
+    deadline = time.monotonic() + 10
+    while engine.stalled_s() and time.monotonic() < deadline:  # the thread ends when idle
+        time.sleep(0.01)
+    assert engine.stalled_s() == 0.0
