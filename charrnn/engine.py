@@ -65,8 +65,8 @@ class Engine:
     is active. Groups that want whole texts wake their caller once.
     """
 
-    # A pass of the loop that lasts longer is stuck (`stalled_s`). The longest honest pass
-    # prefills all that joined at once: a replica's 256 ongoing requests' prompts.
+    # No progress for this long is a stuck loop (`stalled_s`). The longest honest wait is one
+    # prefill call of PREFILL_POSITIONS (2^18) prompt characters: 4.4 s here on one CPU thread.
     stall_limit_s: float = 300.0
 
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
@@ -76,7 +76,7 @@ class Engine:
         self._pending: list = []
         self._thread: threading.Thread | None = None
         self.max_rows = 0  # the most rows stepped together so far
-        self._beat = 0.0  # time.monotonic() when the loop last began a pass
+        self._beat = 0.0  # time.monotonic() of the loop's last progress (`beat`)
         self.active_rows = 0  # rows stepping now
 
     def submit(self, prompts: Sequence[str], params: Sequence[SampleParams], emit: Callable,
@@ -94,14 +94,18 @@ class Engine:
         with self._lock:
             self._pending.append((list(prompts), list(params), group))
             if self._thread is None:
-                self._beat = time.monotonic()
+                self.beat()
                 self._thread = threading.Thread(target=self._run, daemon=True, name="engine")
                 self._thread.start()
 
+    def beat(self) -> None:
+        """The loop made progress: a step, or one model call of a long prefill."""
+        self._beat = time.monotonic()
+
     def stalled_s(self) -> float:
-        """Seconds since the stepping loop last began a pass (a prefill of the groups that
-        join, then one step), while it has work; 0 when idle. A loop stuck inside a pass (a hung
-        device or kernel) never fails its groups: only this shows it."""
+        """Seconds since the stepping loop last made progress, while it has work; 0 when idle.
+        A loop stuck in a step or prefill call (a hung device or kernel) never fails its
+        groups: only this shows it."""
         with self._lock:
             return time.monotonic() - self._beat if self._thread is not None else 0.0
 
@@ -111,7 +115,7 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._lock:
-                        self._beat = time.monotonic()
+                        self.beat()
                         new, self._pending = self._pending, []
                         if not new and not b.rows:
                             self._thread = None  # idle: the next submit starts a new thread
@@ -164,7 +168,7 @@ class _Batch:
             prompts += ps
             params += pars
         n = len(rows)
-        last, state = prefill(e.model, e.vocab, prompts, e.device)
+        last, state = prefill(e.model, e.vocab, prompts, e.device, on_call=e.beat)
         state, rc = e.stepper.state_in(state), RowControls(params, e.device)
         done = torch.zeros(n, dtype=torch.long, device=e.device)
         total = torch.tensor([p.max_new_chars for p in params], device=e.device)

@@ -93,7 +93,8 @@ PREFILL_CHUNK = 4096  # prompt characters per prefill pass (the Serve limit is 4
 PREFILL_POSITIONS = 1 << 18
 
 
-def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
+def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
+            on_call: Callable[[], None] | None = None) -> tuple[torch.Tensor, Any]:
     """Feed the prompts once (one packed batch, any lengths): -> logits after each prompt's
     last character (B, V) and the recurrent state (nn.LSTM's format). An empty prompt starts
     from `vocab.start` (a newline where the vocabulary has one).
@@ -101,7 +102,9 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
     Prompts longer than PREFILL_CHUNK go through in passes of that many characters, the state
     carried, the rows whose prompts have ended left out: nn.LSTM holds (B, T, 4H) gates and
     (B, T, H) outputs for a pass, which for one 1 MB prompt at H=256 was about 8 GB at once.
-    A pass feeds its rows in groups of at most PREFILL_POSITIONS rows x characters."""
+    A pass feeds its rows in groups of at most PREFILL_POSITIONS rows x characters.
+    `on_call` runs after each model call (Serve's engine: a sign of progress, however long the
+    whole prefill)."""
     texts = [p or vocab.start for p in prompts]
     lengths = torch.tensor([len(t) for t in texts])
     ids = [torch.from_numpy(vocab.encode(t).astype(np.int64)) for t in texts]
@@ -121,6 +124,8 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
                 state = _each(lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]), part)
             last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
+            if on_call is not None:
+                on_call()
     return last, state
 
 

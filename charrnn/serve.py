@@ -126,11 +126,11 @@ class CharRNNServer:
     def check_health(self) -> None:
         """Serve restarts a replica whose check fails. One without a model never starts
         (`__init__` raises) and a failed step fails its requests, so what is left to catch is a
-        stepping loop stuck in one pass, whose requests would otherwise wait forever."""
+        stepping loop stuck in a step or prefill call, whose requests would wait forever."""
         engine = self.current.engine
         if (stalled := engine.stalled_s()) > engine.stall_limit_s:
-            raise RuntimeError(f"the generation engine has been stuck in one step for "
-                               f"{stalled:.0f} s (more than {engine.stall_limit_s:g} s)")
+            raise RuntimeError(f"the generation engine has made no progress for {stalled:.0f} s "
+                               f"(more than {engine.stall_limit_s:g} s) with requests waiting")
 
     # ----- batching ---------------------------------------------------------------------------
     # Two gatherers, one per response kind; groups from both join the same engine batch.

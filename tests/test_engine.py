@@ -223,7 +223,7 @@ def test_a_loop_stuck_in_a_step_shows_in_stalled_s_and_fails_the_health_check(mo
     check = serve.CharRNNServer.func_or_class.check_health
     check(replica)  # not yet past the limit
     engine.stall_limit_s = 0.2
-    with pytest.raises(RuntimeError, match=r"stuck in one step for 0 s \(more than 0.2 s\)"):
+    with pytest.raises(RuntimeError, match=r"no progress for 0 s \(more than 0.2 s\) with requests"):
         check(replica)
     release.set()
     assert done.wait(30) and not errors and len("".join(out[0])) == 5
@@ -231,3 +231,26 @@ def test_a_loop_stuck_in_a_step_shows_in_stalled_s_and_fails_the_health_check(mo
     while engine.stalled_s() and time.monotonic() < deadline:  # the thread ends when idle
         time.sleep(0.01)
     assert engine.stalled_s() == 0.0
+
+
+def test_a_long_prefill_shows_progress_at_every_model_call(model, monkeypatch):
+    """Serve's largest legal join (256 requests of 64 prompts x 4,000 characters) prefills for
+    minutes here; it is progress, not a stuck loop, as long as its model calls return."""
+    import charrnn.generate as gen
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # 40 characters: 20 model calls
+    forward = model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+    engine = Engine(model, VOCAB)
+    t = time.monotonic()
+    out, done, errors = collect(engine, ["alice was beginning to get very tired of"],
+                                [SampleParams(2, seed=1)])
+    worst = 0.0
+    while not done.wait(0.01):
+        worst = max(worst, engine.stalled_s())
+    assert not errors and time.monotonic() - t >= 1.0
+    assert worst < 0.5, worst  # without a beat per call: the whole prefill, over 1 s
