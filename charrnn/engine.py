@@ -1,9 +1,11 @@
 """Continuous batching for serving: one stepping loop over every active row.
 
 A static batch makes requests that arrive while it runs wait for all of it to finish. Here a
-group of rows (what `@serve.batch` gathered) joins the running batch at the next step: its
-prompts are prefilled, its state is concatenated to the batch state, and from then on the LSTM
-steps once per character for all rows together. A row leaves at its own length. Rows keep their
+group of rows (what `@serve.batch` gathered) joins the running batch as soon as its prompts are
+prefilled: its state is concatenated to the batch state, and from then on the LSTM steps once
+per character for all rows together. The prefill runs one model call (`PREFILL_POSITIONS`
+prompt characters at most) between two steps of the running rows, so a long prompt slows their
+streams instead of stopping them. A row leaves at its own length. Rows keep their
 own decoding settings and random streams (`RowControls`), so a row's text does not depend on
 which rows share its steps. A row whose caller went away (its `cancelled` event is set: the HTTP
 client disconnected) leaves within `CANCEL_CHECK_STEPS` steps instead of running to its length.
@@ -13,12 +15,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from charrnn.generate import Stepper, prefill
+from charrnn.generate import Stepper, prefill_calls
 from charrnn.model import CharRNN
 from charrnn.sampling import RowControls, SampleParams, sample_next
 from charrnn.vocab import Vocab
@@ -65,8 +67,8 @@ class Engine:
     is active. Groups that want whole texts wake their caller once.
     """
 
-    # No progress for this long is a stuck loop (`stalled_s`). The longest honest wait is one
-    # prefill call of PREFILL_POSITIONS (2^18) prompt characters: 4.4 s here on one CPU thread.
+    # No progress for this long is a stuck loop (`stalled_s`). A pass of the loop is one step
+    # and at most one prefill call (PREFILL_POSITIONS characters): about 0.1 s here.
     stall_limit_s: float = 300.0
 
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
@@ -99,11 +101,11 @@ class Engine:
                 self._thread.start()
 
     def beat(self) -> None:
-        """The loop made progress: a step, or one model call of a long prefill."""
+        """The loop made progress (it began another pass)."""
         self._beat = time.monotonic()
 
     def stalled_s(self) -> float:
-        """Seconds since the stepping loop last made progress, while it has work; 0 when idle.
+        """Seconds since the stepping loop last began a pass, while it has work; 0 when idle.
         A loop stuck in a step or prefill call (a hung device or kernel) never fails its
         groups: only this shows it."""
         with self._lock:
@@ -117,20 +119,24 @@ class Engine:
                     with self._lock:
                         self.beat()
                         new, self._pending = self._pending, []
-                        if not new and not b.rows:
+                        if not new and not b.rows and not b.joining:
                             self._thread = None  # idle: the next submit starts a new thread
                             return
-                    if new:  # join at this step
-                        b.handoff()
+                    if new:  # their prefill starts now, one model call per step
                         b.join(new)
+                        new = []
+                    if b.joining:
+                        b.prefill_call()
                         self.max_rows = max(self.max_rows, len(b.rows))
-                    b.step()
+                    if b.rows:
+                        b.step()
                     self.active_rows = len(b.rows)
         except BaseException as e:  # fail every waiting group rather than hang it
             with self._lock:
                 waiting, self._pending, self._thread = self._pending, [], None
             self.active_rows = 0
-            emits = [g.emit for g, _ in b.rows] + [g.emit for _, _, g in new + waiting]
+            emits = [g.emit for g, _ in b.rows] + [g.emit for _, _, g in new + waiting] + [
+                g.emit for _, groups in b.joining for _, _, g in groups]
             for emit in {id(f): f for f in emits}.values():
                 emit(e)
 
@@ -146,32 +152,53 @@ class _Batch:
         self.buffer: list[torch.Tensor] = []  # ids (B,) per step since the last hand-off
         self.chunk: int | None = None  # steps between hand-offs (None: only at joins/leaves)
         self.steps = 0  # steps taken, for the periodic check for cancelled rows
+        self.joining: list[tuple[Iterator, list]] = []  # (prefill calls, groups) in turn
 
     def join(self, groups: list) -> None:
-        """Add groups (prompts, params, _Group) to the batch; their prompts are prefilled
-        together, in one packed batch. A group that cannot join (a prompt its model cannot
-        encode, say) gets the error alone; the running rows and the other groups go on."""
+        """Start the prefill of groups (prompts, params, _Group), together in one packed batch.
+        Their rows join the running batch when it is done (`prefill_call`)."""
+        e, prompts = self.e, [p for ps, _, _ in groups for p in ps]
+        self.joining.append((prefill_calls(e.model, e.vocab, prompts, e.device), groups))
+
+    def prefill_call(self) -> None:
+        """One model call of a joining prefill, taken in turn (a short prompt arriving behind
+        a long one joins after one call of the long one's); at its end its rows join. A group
+        that cannot join (a prompt its model cannot encode, say) gets the error alone; the
+        running rows and the other groups go on."""
+        calls, groups = self.joining.pop(0)
         try:
-            self._join(groups)
-        except Exception as err:  # nothing was added: `_join` changes the batch only at its end
-            if len(groups) == 1:
-                groups[0][2].emit(err)
-                return
-            for g in groups:  # find the group that failed
+            next(calls)
+            self.joining.append((calls, groups))
+            return
+        except StopIteration as done:
+            last, state = done.value
+        except Exception as err:
+            self._failed(groups, err)
+            return
+        try:
+            self._add(groups, last, state)
+        except Exception as err:  # nothing was added: `_add` changes the batch only at its end
+            self._failed(groups, err)
+
+    def _failed(self, groups: list, err: Exception) -> None:
+        if len(groups) == 1:
+            groups[0][2].emit(err)
+        else:  # find the group that failed: each prefills again, alone
+            for g in groups:
                 self.join([g])
 
-    def _join(self, groups: list) -> None:
+    def _add(self, groups: list, last: torch.Tensor, state) -> None:
+        """Rows whose prompts were prefilled (`last` (n, V), `state`) join the running batch."""
         e = self.e
-        rows, prompts, params = [], [], []
+        rows, params = [], []
         for ps, pars, g in groups:
             rows += [(g, i) for i in range(len(ps))]
-            prompts += ps
             params += pars
         n = len(rows)
-        last, state = prefill(e.model, e.vocab, prompts, e.device, on_call=e.beat)
         state, rc = e.stepper.state_in(state), RowControls(params, e.device)
         done = torch.zeros(n, dtype=torch.long, device=e.device)
         total = torch.tensor([p.max_new_chars for p in params], device=e.device)
+        self.handoff()  # the buffered ids are the running rows'
         if self.rows:
             self.last, self.state = torch.cat([self.last, last]), _cat_state(self.state, state, self.fused)
             self.rc = RowControls.cat(self.rc, rc)

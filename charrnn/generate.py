@@ -87,24 +87,34 @@ class Stepper:
         return torch.addmm(self.head_b, x, self.head_w).float(), (new_h, new_c)
 
 
-PREFILL_CHUNK = 4096  # prompt characters per prefill pass (the Serve limit is 4,000 a prompt)
-# Prompt positions (rows x characters) per prefill call: Serve's largest group (64 prompts of
-# 4,000) fits in one; 20,000 prompts of a few hundred characters held 2.4 GB at once.
-PREFILL_POSITIONS = 1 << 18
+# A prefill feeds prompts in model calls of at most PREFILL_CHUNK characters a row (state
+# carried) and PREFILL_POSITIONS rows x characters. Small calls keep nn.LSTM's (B, T, 4H) gates
+# in cache: 64 prompts of 4,000 characters (alice model, one thread) took 2.5 s in calls of
+# 128 x 64, against 4.3 s in one call holding 1 GB of gates; and Serve's engine steps its
+# running rows between two calls, so a long prompt joining pauses their streams for one call
+# (about 0.1 s here), not for its whole prefill.
+PREFILL_CHUNK = 128
+PREFILL_POSITIONS = 8192
 
 
-def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
-            on_call: Callable[[], None] | None = None) -> tuple[torch.Tensor, Any]:
+def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
     """Feed the prompts once (one packed batch, any lengths): -> logits after each prompt's
     last character (B, V) and the recurrent state (nn.LSTM's format). An empty prompt starts
-    from `vocab.start` (a newline where the vocabulary has one).
+    from `vocab.start` (a newline where the vocabulary has one)."""
+    calls = prefill_calls(model, vocab, prompts, device)
+    while True:
+        try:
+            next(calls)
+        except StopIteration as done:
+            return done.value
 
-    Prompts longer than PREFILL_CHUNK go through in passes of that many characters, the state
-    carried, the rows whose prompts have ended left out: nn.LSTM holds (B, T, 4H) gates and
-    (B, T, H) outputs for a pass, which for one 1 MB prompt at H=256 was about 8 GB at once.
-    A pass feeds its rows in groups of at most PREFILL_POSITIONS rows x characters.
-    `on_call` runs after each model call (Serve's engine: a sign of progress, however long the
-    whole prefill)."""
+
+def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> Iterator[None]:
+    """`prefill` one model call at a time: yields after each call, returns (last, state).
+
+    Prompts go through in passes of PREFILL_CHUNK characters, the state carried, the rows whose
+    prompts have ended left out; a pass feeds its rows in groups of at most PREFILL_POSITIONS
+    rows x characters. The prompts are encoded before the first call (a VocabError then)."""
     texts = [p or vocab.start for p in prompts]
     lengths = torch.tensor([len(t) for t in texts])
     ids = [torch.from_numpy(vocab.encode(t).astype(np.int64)) for t in texts]
@@ -124,8 +134,7 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
                 state = _each(lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]), part)
             last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
-            if on_call is not None:
-                on_call()
+            yield
     return last, state
 
 

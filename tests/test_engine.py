@@ -87,6 +87,10 @@ def test_an_error_reaches_every_waiting_group(model):
     bad = SampleParams(5, seed=1)
     out, done, errors = collect(engine, ["\x00not in vocab"], [bad])
     assert done.wait(30) and errors
+    time.sleep(0.2)
+    # Alone on an idle engine it got its error once; the loop then stepped an empty batch and
+    # sent it an AttributeError as well.
+    assert [type(e).__name__ for e in errors] == ["VocabError"]
 
 
 def test_a_group_that_cannot_join_fails_alone(model):
@@ -254,3 +258,42 @@ def test_a_long_prefill_shows_progress_at_every_model_call(model, monkeypatch):
         worst = max(worst, engine.stalled_s())
     assert not errors and time.monotonic() - t >= 1.0
     assert worst < 0.5, worst  # without a beat per call: the whole prefill, over 1 s
+
+
+def test_running_streams_go_on_while_a_long_prompt_is_prefilled(model, monkeypatch):
+    """The prefill of a joining group runs one model call between two steps of the running
+    rows. It used to run whole first: Serve's largest request (64 prompts of 4,000 characters)
+    stopped every stream for 4.4 s here, and a flood of them for minutes."""
+    import charrnn.generate as gen
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # the 60-character prompt: 30 model calls
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1])
+    engine = Engine(model, VOCAB)
+    paused, gate, stream, b_started = threading.Event(), threading.Event(), [], []
+
+    def emit(item):  # holds the engine thread until the long prompt is queued
+        paused.set()
+        assert gate.wait(30)
+        if item is not DONE:
+            stream.append(item[0] or "")
+
+    a_params, b_prompt = [SampleParams(200, seed=1)], ["the cat sat on the mat. " * 2 + "hello world."]
+    engine.submit(["the "], a_params, emit, chunk_steps=1)
+    assert paused.wait(30)
+
+    def b_emit(item):
+        if not b_started:
+            b_started.append(len("".join(stream)))  # the stream's characters by then
+        b_out.append(item)
+
+    b_out = []
+    engine.submit(b_prompt, [SampleParams(5, seed=2)], b_emit)
+    gate.set()
+    deadline = time.monotonic() + 30
+    while (not b_out or b_out[-1] is not DONE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b_out[0] == generate(model, VOCAB, b_prompt, [SampleParams(5, seed=2)])
+    assert b_started[0] >= 25, b_started  # whole-prefill-first: 1
+    while len("".join(stream)) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "".join(stream) == generate(model, VOCAB, ["the "], a_params)[0]
