@@ -3,7 +3,9 @@
   64 requests sent one at a time (p50 / p99 latency reported for both); after a warm-up, three
   rounds each time both back to back, and the round with the median gain is reported;
 - the engine alone, without HTTP (same threads as the replica): one 200-character row after
-  another against one 64-row group, the gain the stepping loop itself allows;
+  another against one 64-row group, the gain the stepping loop itself allows; and a stream
+  running while the largest request (64 prompts of 4,000 characters) joins: the time it took
+  to join, and the longest pause in the stream meanwhile;
 - the floor under that gain on this machine: 64 concurrent requests that cost the model (almost)
   nothing, GET /healthz and 1-character completions. Their time is HTTP + Serve overhead, so
   sequential time / floor time bounds the gain that any engine could reach here;
@@ -79,9 +81,28 @@ def engine_gain(uri, args) -> dict:
     t = time.perf_counter()
     run(args.clients)
     batched = time.perf_counter() - t
+    # A stream running while Serve's largest request (64 prompts x 4,000 characters) joins:
+    # how long that request took to join, and the longest pause between the stream's characters.
+    stamps, joined, stop, ended = [], threading.Event(), threading.Event(), threading.Event()
+    engine.submit(["alice "], [SampleParams(100_000, temperature=0.8, seed=0)],
+                  lambda x: ended.set() if x is DONE else stamps.append(time.perf_counter()),
+                  chunk_steps=1, cancelled=[stop])
+    time.sleep(0.5)
+    text = ("alice was beginning to get very tired of sitting by her sister on the bank, " * 60)
+    t = time.perf_counter()
+    engine.submit([text[i: i + 4000] for i in range(64)],
+                  [SampleParams(1, seed=i) for i in range(64)],
+                  lambda x: joined.set() if x is DONE else None)
+    joined.wait()
+    join_s, during = time.perf_counter() - t, [s for s in stamps if s >= t]
+    stop.set()
+    ended.wait()
     torch.set_num_threads(threads)
     return {"engine_alone_sequential_s": round(seq, 3), "engine_alone_batched_s": round(batched, 3),
-            "engine_alone_gain": round(seq / batched, 1)}
+            "engine_alone_gain": round(seq / batched, 1),
+            "long_join_s": round(join_s, 2),
+            "long_join_stream_chars": len(during),
+            "long_join_stream_max_pause_s": round(max(b - a for a, b in zip([t] + during, during)), 3)}
 
 
 async def load(url: str, run: Path, args) -> dict:
