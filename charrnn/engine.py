@@ -165,25 +165,27 @@ class _Batch:
         a long one joins after one call of the long one's); at its end its rows join. A group
         that cannot join (a prompt its model cannot encode, say) gets the error alone; the
         running rows and the other groups go on."""
-        calls, groups = self.joining.pop(0)
+        # The prefill stays listed until it is done: if the loop itself dies, `_run` fails
+        # every group listed.
+        calls, groups = self.joining[0]
         try:
             next(calls)
-            self.joining.append((calls, groups))
-            return
         except StopIteration as done:
-            last, state = done.value
+            try:
+                self._add(groups, *done.value)
+            except Exception as err:  # nothing was added: `_add` changes the batch only at its end
+                self._failed(groups, err)
         except Exception as err:
             self._failed(groups, err)
-            return
-        try:
-            self._add(groups, last, state)
-        except Exception as err:  # nothing was added: `_add` changes the batch only at its end
-            self._failed(groups, err)
+        else:
+            self.joining.append(self.joining[0])  # its next call after the others' turns
+        self.joining.pop(0)
 
     def _failed(self, groups: list, err: Exception) -> None:
+        """The error to a lone group; several each prefill again alone, to find the one."""
         if len(groups) == 1:
             groups[0][2].emit(err)
-        else:  # find the group that failed: each prefills again, alone
+        else:
             for g in groups:
                 self.join([g])
 

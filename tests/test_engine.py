@@ -297,3 +297,31 @@ def test_running_streams_go_on_while_a_long_prompt_is_prefilled(model, monkeypat
     while len("".join(stream)) < 200 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "".join(stream) == generate(model, VOCAB, ["the "], a_params)[0]
+
+
+def test_a_loop_that_dies_mid_prefill_fails_the_joining_groups_too(model, monkeypatch):
+    """Exceptions of one group fail that group; anything else ends the loop, and every group it
+    holds gets the error (the running rows, the ones being prefilled, the queued)."""
+    engine = Engine(model, VOCAB)
+    paused, gate = threading.Event(), threading.Event()
+
+    def emit(item):  # holds the engine thread until the prefill below is queued
+        paused.set()
+        assert gate.wait(30)
+        running.append(item)
+
+    running = []
+    engine.submit(["the "], [SampleParams(500, seed=1)], emit, chunk_steps=1)
+    assert paused.wait(30)
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "forward", dies)
+    out, done, errors = collect(engine, ["hello"], [SampleParams(5, seed=2)])
+    gate.set()
+    assert done.wait(30) and [type(e) for e in errors] == [KeyboardInterrupt]
+    deadline = time.monotonic() + 30
+    while not any(isinstance(x, KeyboardInterrupt) for x in running) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(running[-1], KeyboardInterrupt) and engine.stalled_s() == 0.0
