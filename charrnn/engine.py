@@ -168,6 +168,14 @@ class _Batch:
         # The prefill stays listed until it is done: if the loop itself dies, `_run` fails
         # every group listed.
         calls, groups = self.joining[0]
+        if all(g.cancelled is not None and all(c.is_set() for c in g.cancelled)
+               for _, _, g in groups):  # every caller went away: the prefill stops here
+            for _, _, g in groups:  # each group ends as its rows would, with no text
+                if g.chunk_steps is None:
+                    g.emit([""] * g.size)
+                g.emit(DONE)
+            self.joining.pop(0)
+            return
         try:
             next(calls)
         except StopIteration as done:

@@ -325,3 +325,29 @@ def test_a_loop_that_dies_mid_prefill_fails_the_joining_groups_too(model, monkey
     while not any(isinstance(x, KeyboardInterrupt) for x in running) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert isinstance(running[-1], KeyboardInterrupt) and engine.stalled_s() == 0.0
+
+
+def test_a_prefill_whose_callers_all_went_away_stops(model, monkeypatch):
+    """Clients that give up on a long prompt (a timeout under a flood) free the engine at its
+    next prefill call, not after the whole prefill and the first steps."""
+    import charrnn.generate as gen
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # 40 characters: 20 model calls
+    forward, calls = model.forward, []
+    monkeypatch.setattr(model, "forward",  # prefill calls pass lengths (GRU steps do not)
+                        lambda *a, **k: (calls.append("lengths" in k), forward(*a, **k))[1])
+    engine = Engine(model, VOCAB)
+    gone = [threading.Event(), threading.Event()]
+    for e in gone:
+        e.set()
+    got, done = [], threading.Event()
+    engine.submit(["alice was beginning to get very tired of"] * 2, [SampleParams(50, seed=1)] * 2,
+                  lambda x: (got.append(x), done.set() if x is DONE else None), cancelled=gone)
+    assert done.wait(30) and got == [["", ""], DONE] and sum(calls) == 0
+    # One caller of two still there: the prefill goes on, and the other row leaves at once.
+    gone[1].clear()
+    got.clear(), done.clear()
+    engine.submit(["alice was beginning to get very tired of"] * 2, [SampleParams(50, seed=1)] * 2,
+                  lambda x: (got.append(x), done.set() if x is DONE else None), cancelled=gone)
+    assert done.wait(30) and sum(calls) == 20 and got[-1] is DONE
+    texts = got[0]
+    assert len(texts[0]) < 50 and len(texts[1]) == 50
