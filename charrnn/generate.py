@@ -110,7 +110,8 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
 
 
 def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> Iterator[None]:
-    """`prefill` one model call at a time: yields after each call, returns (last, state).
+    """`prefill` one model call at a time: each `next()` makes one call; the one that makes the
+    last raises StopIteration with (last, state) as its value.
 
     Prompts go through in passes of PREFILL_CHUNK characters, the state carried, the rows whose
     prompts have ended left out; a pass feeds its rows in groups of at most PREFILL_POSITIONS
@@ -118,12 +119,15 @@ def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) 
     texts = [p or vocab.start for p in prompts]
     lengths = torch.tensor([len(t) for t in texts])
     ids = [torch.from_numpy(vocab.encode(t).astype(np.int64)) for t in texts]
-    last, state = None, None
+    last, state, first = None, None, True
     for start in range(0, int(lengths.max()), PREFILL_CHUNK):
         active = (lengths > start).nonzero()[:, 0]  # prompts not yet fed to their end
         counts = (lengths[active] - start).clamp(max=PREFILL_CHUNK)  # characters in this pass
         per = max(1, PREFILL_POSITIONS // int(counts.max()))  # rows per group
         for g in range(0, len(active), per):
+            if not first:  # the caller's turn between two calls
+                yield
+            first = False
             rows, n = active[g: g + per], counts[g: g + per]  # (R,), (R,)
             x = torch.zeros(len(rows), int(n.max()), dtype=torch.long)
             for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
@@ -134,7 +138,6 @@ def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) 
                 state = _each(lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]), part)
             last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
-            yield
     return last, state
 
 

@@ -91,6 +91,28 @@ def test_long_prompts_are_prefilled_in_passes_with_the_same_result(model, monkey
         generate(model, VOCAB, [p], [q])[0] for p, q in zip(prompts, params)]
 
 
+def test_prefill_calls_make_one_model_call_per_next(model, monkeypatch):
+    """Serve's engine steps its running rows between two calls; the call that ends a prefill
+    returns its result at once, so a short prompt joins in the pass that read it."""
+    import charrnn.generate as gen
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (calls.append(1), forward(*a, **k))[1])
+    with torch.inference_mode():
+        it = gen.prefill_calls(model, VOCAB, ["the "], "cpu")
+        with pytest.raises(StopIteration) as done:
+            next(it)
+        assert len(calls) == 1 and done.value.value[0].shape == (1, len(VOCAB))
+        monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # 6 characters: 3 calls
+        it = gen.prefill_calls(model, VOCAB, ["hello ", "a"], "cpu")
+        next(it), next(it)
+        with pytest.raises(StopIteration) as done:
+            next(it)
+    assert len(calls) == 4
+    whole = gen.prefill(model, VOCAB, ["hello ", "a"], "cpu")
+    torch.testing.assert_close(done.value.value[0], whole[0])
+
+
 def test_temperatures_near_zero_decode_greedily(model):
     """logits / 1e-45 overflowed float32 to inf, the softmax to NaN, and the row printed the
     vocabulary's last character forever; below 1e-5 a row now takes the argmax, the T -> 0
