@@ -68,7 +68,7 @@ class Engine:
     """
 
     # No progress for this long is a stuck loop (`stalled_s`). A pass of the loop is one step
-    # and at most one prefill call (PREFILL_POSITIONS characters): about 0.1 s here.
+    # and at most one prefill call (PREFILL_POSITIONS characters): under 0.2 s here.
     stall_limit_s: float = 300.0
 
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):

@@ -92,7 +92,7 @@ class Stepper:
 # in cache: 64 prompts of 4,000 characters (alice model, one thread) took 2.5 s in calls of
 # 128 x 64, against 4.3 s in one call holding 1 GB of gates; and Serve's engine steps its
 # running rows between two calls, so a long prompt joining pauses their streams for one call
-# (about 0.1 s here), not for its whole prefill.
+# (0.17 s here, one thread), not for its whole prefill (5 s).
 PREFILL_CHUNK = 128
 PREFILL_POSITIONS = 8192
 
