@@ -44,6 +44,16 @@ class _Group:
         self.finished = [False] * self.size
         self.texts: list[list[str]] = [[] for _ in range(self.size)]  # pieces kept (no chunks)
 
+    def gone(self, i: int) -> bool:
+        """Row i's caller went away."""
+        return self.cancelled is not None and self.cancelled[i].is_set()
+
+    def end(self) -> None:
+        """Every row is finished: a whole-text group gets its texts, then every group DONE."""
+        if self.chunk_steps is None:
+            self.emit(["".join(t) for t in self.texts])
+        self.emit(DONE)
+
 
 def _cat_state(a, b, fused: bool):
     if fused:  # per-layer lists of (B, H)
@@ -168,12 +178,9 @@ class _Batch:
         # The prefill stays listed until it is done: if the loop itself dies, `_run` fails
         # every group listed.
         calls, groups = self.joining[0]
-        if all(g.cancelled is not None and all(c.is_set() for c in g.cancelled)
-               for _, _, g in groups):  # every caller went away: the prefill stops here
-            for _, _, g in groups:  # each group ends as its rows would, with no text
-                if g.chunk_steps is None:
-                    g.emit([""] * g.size)
-                g.emit(DONE)
+        if all(g.gone(i) for _, _, g in groups for i in range(g.size)):
+            for _, _, g in groups:  # every caller went away: the prefill stops, no text
+                g.end()
             self.joining.pop(0)
             return
         try:
@@ -239,7 +246,7 @@ class _Batch:
 
     def gone(self) -> torch.Tensor:
         """(B,) bool: rows whose caller went away."""
-        flags = [g.cancelled is not None and g.cancelled[i].is_set() for g, i in self.rows]
+        flags = [g.gone(i) for g, i in self.rows]
         return torch.tensor(flags, device=self.e.device)
 
     def handoff(self) -> None:
@@ -270,9 +277,7 @@ class _Batch:
             if end:
                 g.finished[i] = True
                 if all(g.finished):
-                    if g.chunk_steps is None:
-                        g.emit(["".join(t) for t in g.texts])
-                    g.emit(DONE)
+                    g.end()
         keep = (~ended).nonzero()[:, 0]
         self.rows = [self.rows[k] for k in keep.tolist()]
         if self.rows:  # (self.last is replaced by the next step)
