@@ -88,7 +88,7 @@ class Engine:
         self._pending: list = []
         self._thread: threading.Thread | None = None
         self.max_rows = 0  # the most rows stepped together so far
-        self._beat = 0.0  # time.monotonic() of the loop's last progress (`beat`)
+        self._beat = 0.0  # time.monotonic() when the loop began its last pass (or was started)
         self.active_rows = 0  # rows stepping now
 
     def submit(self, prompts: Sequence[str], params: Sequence[SampleParams], emit: Callable,
@@ -106,13 +106,9 @@ class Engine:
         with self._lock:
             self._pending.append((list(prompts), list(params), group))
             if self._thread is None:
-                self.beat()
+                self._beat = time.monotonic()
                 self._thread = threading.Thread(target=self._run, daemon=True, name="engine")
                 self._thread.start()
-
-    def beat(self) -> None:
-        """The loop made progress (it began another pass)."""
-        self._beat = time.monotonic()
 
     def stalled_s(self) -> float:
         """Seconds since the stepping loop last began a pass, while it has work; 0 when idle.
@@ -127,7 +123,7 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._lock:
-                        self.beat()
+                        self._beat = time.monotonic()
                         new, self._pending = self._pending, []
                         if not new and not b.rows and not b.joining:
                             self._thread = None  # idle: the next submit starts a new thread
