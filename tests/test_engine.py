@@ -41,6 +41,13 @@ def collect(engine, prompts, params, cancelled=None):
     return out, done, errors
 
 
+def before_forward(monkeypatch, model, hook):
+    """`hook(kwargs)` runs before each model call (prefill calls pass `lengths`; GRU steps go
+    through the module too, without): to slow the calls down, count them or make them fail."""
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (hook(k), forward(*a, **k))[1])
+
+
 def test_groups_joining_mid_run_match_offline_generation(model):
     engine = Engine(model, VOCAB)
     groups = [(["the ", "a"], [SampleParams(60, seed=1), SampleParams(5, greedy=True)]),
@@ -242,13 +249,7 @@ def test_a_long_prefill_shows_progress_at_every_model_call(model, monkeypatch):
     minutes here; it is progress, not a stuck loop, as long as its model calls return."""
     import charrnn.generate as gen
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # 40 characters: 20 model calls
-    forward = model.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.05)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow)
+    before_forward(monkeypatch, model, lambda _: time.sleep(0.05))
     engine = Engine(model, VOCAB)
     t = time.monotonic()
     out, done, errors = collect(engine, ["alice was beginning to get very tired of"],
@@ -257,7 +258,7 @@ def test_a_long_prefill_shows_progress_at_every_model_call(model, monkeypatch):
     while not done.wait(0.01):
         worst = max(worst, engine.stalled_s())
     assert not errors and time.monotonic() - t >= 1.0
-    assert worst < 0.5, worst  # without a beat per call: the whole prefill, over 1 s
+    assert worst < 0.5, worst  # the whole prefill in one pass: over 1 s
 
 
 def test_running_streams_go_on_while_a_long_prompt_is_prefilled(model, monkeypatch):
@@ -266,8 +267,7 @@ def test_running_streams_go_on_while_a_long_prompt_is_prefilled(model, monkeypat
     stopped every stream for 4.4 s here, and a flood of them for minutes."""
     import charrnn.generate as gen
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # the 60-character prompt: 30 model calls
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1])
+    before_forward(monkeypatch, model, lambda _: time.sleep(0.01))
     engine = Engine(model, VOCAB)
     paused, gate, stream, b_started = threading.Event(), threading.Event(), [], []
 
@@ -314,10 +314,10 @@ def test_a_loop_that_dies_mid_prefill_fails_the_joining_groups_too(model, monkey
     engine.submit(["the "], [SampleParams(500, seed=1)], emit, chunk_steps=1)
     assert paused.wait(30)
 
-    def dies(*args, **kwargs):
+    def dies(_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model, "forward", dies)
+    before_forward(monkeypatch, model, dies)
     out, done, errors = collect(engine, ["hello"], [SampleParams(5, seed=2)])
     gate.set()
     assert done.wait(30) and [type(e) for e in errors] == [KeyboardInterrupt]
@@ -332,9 +332,8 @@ def test_a_prefill_whose_callers_all_went_away_stops(model, monkeypatch):
     next prefill call, not after the whole prefill and the first steps."""
     import charrnn.generate as gen
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 2)  # 40 characters: 20 model calls
-    forward, calls = model.forward, []
-    monkeypatch.setattr(model, "forward",  # prefill calls pass lengths (GRU steps do not)
-                        lambda *a, **k: (calls.append("lengths" in k), forward(*a, **k))[1])
+    calls = []  # True per prefill call
+    before_forward(monkeypatch, model, lambda k: calls.append("lengths" in k))
     engine = Engine(model, VOCAB)
     gone = [threading.Event(), threading.Event()]
     for e in gone:
