@@ -91,8 +91,8 @@ class Stepper:
 # carried) and PREFILL_POSITIONS rows x characters. Serve's engine steps its running rows between
 # two calls, so a long prompt joining pauses their streams for one call (0.17 s here, one
 # thread), not for its whole prefill (5 s); and a call's (B, T, 4H) gates stay small: 64 prompts
-# of 4,000 characters (alice model) grew the peak RSS by 52 MB, against 890 MB in one call, in
-# the same time (4.9 s, one thread; `bench/prefill.py`).
+# of 4,000 characters (alice model) grew the peak RSS by 17 MB, against 875 MB in one call, in
+# about the same time (5.0 s and 5.1 s, one thread; `bench/prefill.py`).
 PREFILL_CHUNK = 128
 PREFILL_POSITIONS = 8192
 
