@@ -1,10 +1,9 @@
 """Prefill: reading Serve's largest request (64 prompts of 4,000 characters) in the small model
 calls that `charrnn/generate.py` makes (`PREFILL_CHUNK` characters a row, `PREFILL_POSITIONS`
-positions a call) against one call for all of them (as before session 18, for prompts of up
-to 4,096 characters). Each variant runs in
-its own process, so its peak RSS growth is its own. The prompts are distinct passages of the book,
-each checked to be whole (passages cut short past the book's end once made a prefill look twice
-as fast as it is).
+positions a call) against one call for all of them (as before session 18, for prompts of up to
+4,096 characters). Each variant runs in its own process, so its peak RSS growth is its own. The
+prompts are distinct passages of the book, each checked to be whole (passages cut short past the
+book's end once made a prefill look twice as fast as it is).
 
     python bench/prefill.py --checkpoint runs/demo/winner.json [--corpus ../shared/data/wonderland.txt]
 """
