@@ -180,3 +180,20 @@ def test_auto_precision_is_bf16_where_the_cpu_has_bf16_matmuls(monkeypatch, amx,
     assert optim.native_bf16(torch.device("cpu")) == (amx or avx512_bf16)
     ctx = optim.autocast(torch.device("cpu"), "auto")
     assert isinstance(ctx, torch.autocast) == (amx or avx512_bf16)
+
+
+def test_the_readme_names_every_setting():
+    """The README's config table lists each training setting under its section, and its Serve
+    section each builder arg: a setting added to the dataclasses is documented too."""
+    import dataclasses
+
+    from charrnn.config import ServeConfig
+    readme = (ROOT / "README.md").read_text()
+    table = {line.split("|")[1].strip(" `"): line.split("|")[2] for line in readme.splitlines()
+             if line.startswith("| `") and line.count("|") == 3}
+    missing = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+               for f in dataclasses.fields(getattr(Config(), section.name))
+               if f"`{f.name}`" not in table.get(section.name, "")]
+    serve = readme[readme.index("### Serving"):readme.index("### Kubernetes")]
+    missing += [f"serve {f.name}" for f in dataclasses.fields(ServeConfig) if f"`{f.name}`" not in serve]
+    assert not missing, f"not in README.md: {missing}"
