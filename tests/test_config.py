@@ -197,3 +197,14 @@ def test_the_readme_names_every_setting():
     serve = readme[readme.index("### Serving"):readme.index("### Kubernetes")]
     missing += [f"serve {f.name}" for f in dataclasses.fields(ServeConfig) if f"`{f.name}`" not in serve]
     assert not missing, f"not in README.md: {missing}"
+
+
+def test_the_readme_names_every_flag_of_the_jobs():
+    import re
+    readme = (ROOT / "README.md").read_text()
+    flags = {(job.name, flag) for job in (ROOT / "jobs").glob("*.py")
+             for flag in re.findall(r'add_argument\(\s*"(--[a-z-]+)"', job.read_text())}
+    assert len(flags) > 20
+    missing = sorted(f"{job} {flag}" for job, flag in flags
+                     if not re.search(f"`{re.escape(flag)}[` ]", readme))
+    assert not missing, f"not in README.md: {missing}"
