@@ -184,7 +184,7 @@ def test_auto_precision_is_bf16_where_the_cpu_has_bf16_matmuls(monkeypatch, amx,
 
 def test_the_readme_names_every_setting():
     """The README's config table lists each training setting under its section, and its Serve
-    section each builder arg: a setting added to the dataclasses is documented too."""
+    section each builder arg and request field: a setting added to the code is documented too."""
     import dataclasses
 
     from charrnn.config import ServeConfig
@@ -196,6 +196,8 @@ def test_the_readme_names_every_setting():
                if f"`{f.name}`" not in table.get(section.name, "")]
     serve = readme[readme.index("### Serving"):readme.index("### Kubernetes")]
     missing += [f"serve {f.name}" for f in dataclasses.fields(ServeConfig) if f"`{f.name}`" not in serve]
+    from charrnn.api import GenerateRequest  # the request body's fields, in the same section
+    missing += [f"request {name}" for name in GenerateRequest.model_fields if f"`{name}`" not in serve]
     assert not missing, f"not in README.md: {missing}"
 
 
