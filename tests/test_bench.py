@@ -32,3 +32,8 @@ def test_every_bench_script_starts(script):
 def test_a_bench_argument_out_of_range_is_a_usage_error(args, error):
     p = bench(f"bench/{args[0]}", *args[1:])
     assert p.returncode == 2 and p.stderr.strip().endswith(error), p.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_bench_script_has_its_figures_in_benchmarks_md(script):
+    assert f"python bench/{script}" in (ROOT / "BENCHMARKS.md").read_text()
