@@ -9,6 +9,7 @@ book's end once made a prefill look twice as fast as it is).
 """
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -37,9 +38,9 @@ def measure(args) -> dict:
         generate.PREFILL_CHUNK, generate.PREFILL_POSITIONS = args.chunk, args.positions
     loaded = checkpoint.load(args.checkpoint)
     model, vocab = loaded.model.eval(), loaded.vocab
-    data = loaded.config.data
-    text = vocab.clean(corpus.clean(corpus.decode(Path(args.corpus).read_bytes(), args.corpus,
-                                                  data.decode_errors), data), oov="drop")
+    # The corpus cleaned as the model's was trained (`load_text`), then to its vocabulary.
+    data = dataclasses.replace(loaded.config.data, corpus=args.corpus)
+    text = vocab.clean(corpus.load_text(data), oov="drop")
     step = (len(text) - args.chars) // args.prompts
     prompts = [text[i * step: i * step + args.chars] for i in range(args.prompts)]
     if step <= 0 or any(len(p) != args.chars for p in prompts):
@@ -98,8 +99,7 @@ def main():
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its errors go to stderr
         if p.returncode:
             sys.exit(p.returncode)
-        out = p.stdout
-        result["variants"][name] = json.loads(out.strip().splitlines()[-1])
+        result["variants"][name] = json.loads(p.stdout.strip().splitlines()[-1])
         print(name, result["variants"][name], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
