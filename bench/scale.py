@@ -34,6 +34,19 @@ def make_corpus(path: Path, size: int, seed_text: str) -> None:
             i += 1
 
 
+def model_params(seed_text: str) -> int:
+    """Parameters of configs/alice.yaml's model over the synthetic corpus's vocabulary: the seed
+    text's characters and the counter lines' (all ten digits once there are 10 chapters)."""
+    sys.path.insert(0, str(ROOT))
+    from charrnn.config import load_config
+    from charrnn.corpus import clean
+    from charrnn.model import CharRNN
+    from charrnn.vocab import Vocab
+    cfg = load_config(str(ROOT / "configs/alice.yaml"))
+    cfg.model.vocab_size = len(Vocab.from_text(clean(f"chapter 0123456789\n{seed_text}", cfg.data)))
+    return sum(p.numel() for p in CharRNN(cfg.model).parameters())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--gb", type=positive, default=1.0)
@@ -49,12 +62,20 @@ def main():
         peak = {}
         stop = threading.Event()
 
+        def is_worker(cmdline) -> bool:
+            return " ".join(cmdline or []).startswith("ray::RayTrainWorker")
+
         def sample():
             while not stop.is_set():
-                for p in psutil.process_iter(["cmdline", "memory_info"]):
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if "RayTrainWorker" in cmd and p.info["memory_info"]:
-                        peak[p.pid] = max(peak.get(p.pid, 0), p.info["memory_info"].rss)
+                for p in psutil.process_iter(["cmdline", "memory_info", "ppid"]):
+                    if not is_worker(p.info["cmdline"]) or not p.info["memory_info"]:
+                        continue
+                    try:  # a child a worker forks keeps its title until it execs: not a worker
+                        if is_worker(psutil.Process(p.info["ppid"]).cmdline()):
+                            continue
+                    except psutil.Error:
+                        continue
+                    peak[p.pid] = max(peak.get(p.pid, 0), p.info["memory_info"].rss)
                 time.sleep(0.5)
 
         threading.Thread(target=sample, daemon=True).start()
@@ -74,7 +95,7 @@ def main():
                 first_step = time.monotonic() - t0
         proc.wait()
         stop.set()
-        model_mb = 870_509 * 4 * 4 / 1e6  # weights + grads + two AdamW moments, fp32
+        model_mb = model_params(seed) * 4 * 4 / 1e6  # weights + grads + two AdamW moments, fp32
         result = {"corpus_bytes": corpus.stat().st_size, "workers": args.workers,
                   "first_step_s": round(first_step, 1) if first_step else None,
                   "peak_rss_per_worker_mb": sorted(round(v / 1e6) for v in peak.values()),
