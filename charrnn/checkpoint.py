@@ -224,9 +224,12 @@ def load(uri: str, device: str = "cpu") -> Loaded:
     then None)."""
     ckpt = resolve(uri)
     local = storage.local_path(ckpt)
+    missing = [f for f in FILES if not (local / f).is_file()] if local else missing_files(ckpt)
+    if len(missing) == len(FILES) and ckpt != uri:  # a manifest names a checkpoint that is gone
+        raise CheckpointError(f"{uri} names checkpoint {ckpt}, which does not exist (deleted, or "
+                              "not copied with its manifest)")
     if local is not None:
         return load_dir(local, ckpt, device)
-    missing = missing_files(ckpt)
     if missing:  # as strict as a local checkpoint, without downloading the optimizer state
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
     with storage.local_copy(ckpt, kind="load", files=MODEL_FILES) as d:

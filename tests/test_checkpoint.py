@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -76,6 +77,13 @@ def test_winner_manifest_resolves_and_refuses_partial_checkpoints(saved, tmp_pat
     uri = checkpoint.write_winner(str(run), m)
     assert checkpoint.resolve(uri) == checkpoint.resolve(str(run)) == str(run / "ckpt")
     assert json.loads((run / "winner.json").read_text())["val_loss"] == 1.5
+    gone = run / "gone"
+    d.rename(gone)  # the checkpoint a manifest names was deleted (or not copied with it)
+    for given in (uri, str(run)):
+        said = re.escape(f"{given} names checkpoint {d}, which does not exist")
+        with pytest.raises(CheckpointError, match=said):
+            checkpoint.load(given)
+    gone.rename(d)
     (d / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="not publishing"):
         checkpoint.write_winner(str(run), m)

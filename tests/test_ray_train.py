@@ -164,6 +164,15 @@ def test_corpus_from_s3(s3, corpus_path, tmp_path):
     assert load_text(DataConfig(corpus="s3://charrnn/data/wonderland.txt")).startswith("alice")
 
 
+def test_a_manifest_naming_a_checkpoint_that_is_gone_says_so(s3):
+    s3_client(s3).put_object(Bucket="charrnn", Key="runs/gone/winner.json",
+                             Body=b'{"checkpoint": "checkpoint_00000127"}')
+    for uri in ("s3://charrnn/runs/gone/winner.json", "s3://charrnn/runs/gone"):
+        with pytest.raises(CheckpointError, match=f"^{uri} names checkpoint "
+                           "s3://charrnn/runs/gone/checkpoint_00000127, which does not exist"):
+            checkpoint.load(uri)
+
+
 def test_interrupted_upload_never_moves_the_winner(s3, corpus_path, monkeypatch):
     cfg = _cfg(corpus_path, "s3://charrnn/runs", "cut", "train.epochs=2")
     real = storage.upload_dir
