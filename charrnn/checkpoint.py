@@ -224,7 +224,8 @@ def load(uri: str, device: str = "cpu") -> Loaded:
     then None)."""
     ckpt = resolve(uri)
     local = storage.local_path(ckpt)
-    missing = [f for f in FILES if not (local / f).is_file()] if local else missing_files(ckpt)
+    missing = ([f for f in FILES if not (local / f).is_file()] if local is not None
+               else missing_files(ckpt))
     if len(missing) == len(FILES) and ckpt != uri:  # a manifest names a checkpoint that is gone
         raise CheckpointError(f"{uri} names checkpoint {ckpt}, which does not exist (deleted, or "
                               "not copied with its manifest)")
