@@ -129,6 +129,10 @@ class RunConfig:
     """Also evaluate and checkpoint every N steps (0: only at the end of each epoch)."""
     max_failures: int = 3
     """Worker-group restarts Ray Train may make after failures (Ray mode)."""
+    ray_report_lines: bool = False
+    """Print Ray Train's lines for each evaluation (Ray mode): one "Reporting training result" of
+    every metric per rank and "Checkpoint successfully created". Off, each epoch's own line is
+    not buried; the metrics are in metrics.json and the checkpoints in checkpoints.json."""
 
     def __post_init__(self):
         # The name is one directory (or key prefix) under `run.storage`: `..` would put the run in

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,12 +222,28 @@ class LocalBackend(Backend):
             yield d
 
 
+def quiet_report_lines() -> None:
+    """WARNING for the two Ray Train loggers that write at each `report`: rank 0's "Checkpoint
+    successfully created" and each rank's "Reporting training result" of every metric. Not
+    `RunConfig.logging_config`: it would also hide the INFO line with which Ray Train logs a
+    failure and its traceback before a restart, and it misses the second logger (named by its
+    file path)."""
+    with contextlib.suppress(ImportError):  # private modules: a later Ray may move them
+        from ray.train.v2._internal.execution import context as reports
+        from ray.train.v2._internal.execution import storage as checkpoints
+        logging.getLogger(reports.__file__).setLevel(logging.WARNING)
+        logging.getLogger(checkpoints.__name__).setLevel(logging.WARNING)
+
+
 class RayBackend(Backend):
     """Inside a Ray Train worker (`TorchTrainer` has set up the process group)."""
 
-    def __init__(self, run_uri: str, start_from: str | None = None, lease: str | None = None):
+    def __init__(self, run_uri: str, start_from: str | None = None, lease: str | None = None,
+                 report_lines: bool = False):
         import ray.train
         import ray.train.torch
+        if not report_lines:  # `run.ray_report_lines`
+            quiet_report_lines()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()

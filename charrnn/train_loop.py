@@ -39,7 +39,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if isinstance(ids, ray.ObjectRef):
             ids = ray.get(ids)  # zero-copy view of the node's shared-memory copy
         backend: Backend = RayBackend(loop_config["run_uri"], loop_config.get("start_from"),
-                                      lease=loop_config.get("lease"))
+                                      lease=loop_config.get("lease"), report_lines=cfg.run.ray_report_lines)
     else:
         backend = LocalBackend(loop_config["run_uri"], cfg.run.keep_checkpoints,
                                lease=loop_config.get("lease"))

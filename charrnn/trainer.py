@@ -206,7 +206,11 @@ def window_dataset(num_windows: int, workers: int):
     import ray.data
     arr = window_index_array(num_windows, workers)
     blocks = np.array_split(arr, max(1, min(len(arr) // 512, 8 * workers)))
-    return ray.data.from_arrow([pa.table({"id": b}) for b in blocks])
+    dataset = ray.data.from_arrow([pa.table({"id": b}) for b in blocks])
+    # Ray Data's "Starting execution" and "Execution plan" lines, each epoch, would bury the
+    # epoch's own line; its "execution finished" line stays.
+    dataset.context.print_on_execution_start = False
+    return dataset
 
 
 def _fit_ray(cfg: Config, ids: np.ndarray, loop_config: dict) -> None:

@@ -121,6 +121,11 @@ def test_two_workers_to_s3_then_generate(ray_local, s3, corpus_path, tmp_path, c
     out, err = capfd.readouterr()
     # A worker's log line reaches the driver once (runlog.say, not print: see there).
     assert (out + err).count("parameters on 2 worker(s)") == 1, out + err
+    # Each epoch's line is not buried: Ray Train's report lines (`run.ray_report_lines`) and
+    # Ray Data's two lines a pass are off.
+    assert "| val " in out + err and "Starting execution of Dataset" not in out + err, out + err
+    for line in ("Reporting training result", "Checkpoint successfully created"):
+        assert line not in out + err, out + err
     for blob in [*objects.values(), out.encode(), err.encode(),
                  json.dumps(loaded.config.to_dict()).encode()]:
         assert s3["AWS_ACCESS_KEY_ID"].encode() not in blob
@@ -495,6 +500,9 @@ def test_a_killed_worker_restarts_the_group_and_resumes(corpus_path, tmp_path):
     out = (tmp_path / "log.txt").read_text()
     assert "resuming run 'ft'" in out and "of this job's 0.5 train.max_minutes used)" in out
     assert "stopping: train.max_minutes reached" in out and "winner: " in out
+    # Why the group restarted stays on the console (Ray Train's INFO line; `quiet_report_lines`
+    # quiets only the lines of each report), and no report line came back with the new group.
+    assert "[FailurePolicy] RETRY" in out and "Reporting training result" not in out, out[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     steps = [m["step"] for m in metrics]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # the step count continued
