@@ -132,7 +132,7 @@ class RunConfig:
     ray_report_lines: bool = False
     """Print Ray Train's lines for each evaluation (Ray mode): one "Reporting training result" of
     every metric per rank and "Checkpoint successfully created". Off, each epoch's own line is
-    not buried; the metrics are in metrics.json and the checkpoints in checkpoints.json."""
+    not buried; the metrics are in the run's metrics.json and the best checkpoint in winner.json."""
 
     def __post_init__(self):
         # The name is one directory (or key prefix) under `run.storage`: `..` would put the run in
