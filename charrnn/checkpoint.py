@@ -198,11 +198,11 @@ def resolve(uri: str) -> str:
     if not uri.strip():  # "" was read as the current directory, and named as " is neither..."
         raise CheckpointError("no checkpoint given: the URI is empty")
     if uri.endswith(".json"):
-        return read_winner(uri)["checkpoint_uri"]
+        return _named_checkpoint(uri, uri)
     if storage.exists(storage.join(uri, "model.pt")):
         return uri
     if storage.exists(storage.join(uri, WINNER)):
-        return read_winner(storage.join(uri, WINNER))["checkpoint_uri"]
+        return _named_checkpoint(uri, storage.join(uri, WINNER))
     if not storage.exists(uri):
         raise CheckpointError(f"no checkpoint at {uri}: the path does not exist")
     runs = [r for r in storage.subdirs(uri) if storage.exists(storage.join(uri, r, WINNER))]
@@ -218,19 +218,25 @@ def resolve(uri: str) -> str:
                           f"({WINNER}) nor a winner manifest")
 
 
+def _named_checkpoint(given: str, manifest_uri: str) -> str:
+    """The checkpoint a winner manifest names, which must exist: loading it, a Serve replica's
+    hot swap and `build_app` all say which manifest names what is gone."""
+    ckpt = read_winner(manifest_uri)["checkpoint_uri"]
+    if not storage.exists(ckpt):
+        raise CheckpointError(f"{given} names checkpoint {ckpt}, which does not exist (deleted, or "
+                              "not copied with its manifest)")
+    return ckpt
+
+
 def load(uri: str, device: str = "cpu") -> Loaded:
     """Load a checkpoint from any URI `resolve` accepts. From S3, what inference reads (not the
     optimizer state) is downloaded into a temporary directory, removed once loaded (`path` is
     then None)."""
     ckpt = resolve(uri)
     local = storage.local_path(ckpt)
-    missing = ([f for f in FILES if not (local / f).is_file()] if local is not None
-               else missing_files(ckpt))
-    if len(missing) == len(FILES) and ckpt != uri:  # a manifest names a checkpoint that is gone
-        raise CheckpointError(f"{uri} names checkpoint {ckpt}, which does not exist (deleted, or "
-                              "not copied with its manifest)")
     if local is not None:
         return load_dir(local, ckpt, device)
+    missing = missing_files(ckpt)
     if missing:  # as strict as a local checkpoint, without downloading the optimizer state
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
     with storage.local_copy(ckpt, kind="load", files=MODEL_FILES) as d:
