@@ -34,19 +34,6 @@ def make_corpus(path: Path, size: int, seed_text: str) -> None:
             i += 1
 
 
-def model_params(seed_text: str) -> int:
-    """Parameters of configs/alice.yaml's model over the synthetic corpus's vocabulary: the seed
-    text's characters and the counter lines' (all ten digits once there are 10 chapters)."""
-    sys.path.insert(0, str(ROOT))
-    from charrnn.config import load_config
-    from charrnn.corpus import clean
-    from charrnn.model import CharRNN
-    from charrnn.vocab import Vocab
-    cfg = load_config(str(ROOT / "configs/alice.yaml"))
-    cfg.model.vocab_size = len(Vocab.from_text(clean(f"chapter 0123456789\n{seed_text}", cfg.data)))
-    return sum(p.numel() for p in CharRNN(cfg.model).parameters())
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--gb", type=positive, default=1.0)
@@ -95,11 +82,13 @@ def main():
                 first_step = time.monotonic() - t0
         proc.wait()
         stop.set()
-        model_mb = model_params(seed) * 4 * 4 / 1e6  # weights + grads + two AdamW moments, fp32
+        winner = tmp / "runs/scale/winner.json"  # it names the model the run trained
+        params = json.loads(winner.read_text())["model"]["params"] if winner.is_file() else None
+        model_mb = round(params * 4 * 4 / 1e6, 1) if params else None  # weights, grads, 2 moments
         result = {"corpus_bytes": corpus.stat().st_size, "workers": args.workers,
                   "first_step_s": round(first_step, 1) if first_step else None,
                   "peak_rss_per_worker_mb": sorted(round(v / 1e6) for v in peak.values()),
-                  "model_state_mb": round(model_mb, 1), "exit_code": proc.returncode}
+                  "model_state_mb": model_mb, "exit_code": proc.returncode}
         Path(args.out).write_text(json.dumps(result, indent=2))
         print("".join(lines[-5:]))
         print(json.dumps(result, indent=2))
