@@ -39,29 +39,30 @@ class Follower:
             threading.Thread(target=self._watch, args=(watch_interval_s,), daemon=True,
                              name="winner-watch").start()
 
-    def swap_if_new(self, uri: str) -> bool:
+    def _swap_if_new(self, uri: str) -> None:
         """Load `uri`'s checkpoint when it differs from the one serving; swap atomically."""
-        with self._lock:
-            target = checkpoint.resolve(uri)
-            if target == self.uri:
-                return False
+        target = checkpoint.resolve(uri)
+        if target != self.uri:
             new = self._load(target)
             self.current, self.uri = new, target  # batches already running keep their model
-            return True
 
-    def follow(self, uri: str) -> None:
-        """Serve `uri`'s checkpoint if it is new; keep the current model if it cannot load."""
-        try:
-            self.swap_if_new(uri)
-            self.load_error = None
-        except Exception as e:
-            where = (f" (a relative path, read in the replica's directory {os.getcwd()}: give an "
-                     "absolute path or an s3:// URI)" if "://" not in uri and not
-                     os.path.isabs(os.path.expanduser(uri)) else "")
-            error = f"{e}{where}" if uri in str(e) else f"{uri}: {e}{where}"
-            if error != self.load_error:  # once per new reason, not at every watch interval
-                log.warning("keeping %s: %s", self.uri, error)
-            self.load_error = error
+    def follow(self, uri: str | None = None) -> None:
+        """Serve `uri`'s checkpoint (by default `source`'s) if it is new; keep the current model
+        if it cannot load. `source` is read under the lock that loads are made under, so a
+        watcher tick that began before a reconfigure cannot swap the old source back in."""
+        with self._lock:
+            uri = uri or self.source
+            try:
+                self._swap_if_new(uri)
+                self.load_error = None
+            except Exception as e:
+                where = (f" (a relative path, read in the replica's directory {os.getcwd()}: give "
+                         "an absolute path or an s3:// URI)" if "://" not in uri and not
+                         os.path.isabs(os.path.expanduser(uri)) else "")
+                error = f"{e}{where}" if uri in str(e) else f"{uri}: {e}{where}"
+                if error != self.load_error:  # once per new reason, not at every watch interval
+                    log.warning("keeping %s: %s", self.uri, error)
+                self.load_error = error
 
     def reconfigure(self, user_config: dict | None) -> None:
         """`user_config: {checkpoint: URI}` swaps the served checkpoint; a config without that
@@ -81,7 +82,7 @@ class Follower:
         self.config_note = "; ".join(notes) or None
         if self.config_note:
             log.warning(self.config_note)
-        self.follow(self.source)
+        self.follow()
 
     @property
     def error(self) -> str | None:
@@ -94,4 +95,4 @@ class Follower:
 
     def _watch(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            self.follow(self.source)
+            self.follow()

@@ -97,3 +97,38 @@ def test_the_watcher_picks_up_a_checkpoint_that_appears_later_and_stops(tmp_path
     while any(t.name == "winner-watch" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the watcher did not stop"
         time.sleep(0.01)
+
+
+
+def test_a_watcher_tick_waiting_on_a_slow_load_follows_the_newest_source(tmp_path):
+    """Reconfigures to c (a slow load) and then b while the watcher ticks: b serves, and nothing
+    else is loaded. The watcher used to read `source` before waiting for the load lock, so a
+    tick pre-empted between the two could swap an old source back in after a reconfigure (until
+    its next tick); it now reads `source` once it holds the lock."""
+    a, b, c = (ckpt(tmp_path, n) for n in "abc")
+    gate, loading_c = threading.Event(), threading.Event()
+
+    class SlowC(Loads):
+        def __call__(self, uri):
+            if uri == c:
+                loading_c.set()
+                gate.wait(10)
+            return super().__call__(uri)
+
+    load = SlowC()
+    f = Follower(a, load, watch_interval_s=0.005)
+    try:
+        to_c = threading.Thread(target=f.reconfigure, args=({"checkpoint": c},))
+        to_c.start()
+        assert loading_c.wait(10)
+        time.sleep(0.05)  # the watcher's tick is now waiting for the lock
+        to_b = threading.Thread(target=f.reconfigure, args=({"checkpoint": b},))
+        to_b.start()
+        time.sleep(0.05)  # so is the reconfigure to b
+        gate.set()
+        to_c.join(10), to_b.join(10)
+        time.sleep(0.1)  # many watcher ticks
+        assert f.uri == b and load.calls == [a, c, b], load.calls
+    finally:
+        gate.set()
+        f.stop()
