@@ -26,6 +26,7 @@ def test_every_bench_script_starts(script):
 @pytest.mark.parametrize("args, error", [
     (["generation.py", "--baseline-chars", "0"], "argument --baseline-chars: must be at least 1, got 0"),
     (["ray_overhead.py", "--epochs", "1"], "argument --epochs: must be at least 2, got 1"),
+    (["ray_overhead.py", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     (["train_quality.py", "--minutes", "nan"], "argument --minutes: must be a number above 0, got nan"),
     (["serve_load.py", "--run", "r", "--clients", "x"], "argument --clients: 'x' is not an integer"),
 ])
