@@ -31,10 +31,17 @@ test: install
 lint: install
 	$(BIN)/ruff check charrnn jobs tests bench
 
+# Every target's bench, one after another (about 15 minutes on 2 cores): the quality run's
+# checkpoints then serve the generation and Serve benches. Figures: BENCHMARKS.md.
+QUALITY_RUN = $$($(BIN)/python -c 'import json; print(json.load(open("bench/results/train_quality.json"))["run"])')/quality
 bench: install
 	$(BIN)/python bench/train_quality.py --corpus $(CORPUS)
-	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/throughput.py --corpus $(CORPUS)
+	$(BIN)/python bench/generation.py --checkpoint $(QUALITY_RUN)/winner.json
+	$(BIN)/python bench/ray_overhead.py --corpus $(CORPUS)
+	$(BIN)/python bench/data_pipeline.py --corpus $(CORPUS)
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/serve_load.py --run $(QUALITY_RUN)
 
 clean:
 	rm -rf runs .pytest_cache
