@@ -47,7 +47,7 @@ def measure(args) -> dict:
         sys.exit(f"error: {args.corpus} has {len(text):,} characters in the model's vocabulary, "
                  f"too few for {args.prompts} distinct prompts of {args.chars:,}")
 
-    def best(batch: list[str]) -> list[float]:
+    def timings(batch: list[str]) -> list[float]:  # seconds of each of `--repeats` prefills
         times = []
         with torch.inference_mode():
             for _ in range(args.repeats):
@@ -57,10 +57,10 @@ def measure(args) -> dict:
         return times
 
     # The small shapes first (they warm up too), so the peak RSS growth is the large one's.
-    short = best([p[:100] for p in prompts])  # 64 prompts of 100 characters
-    one = best(prompts[:1])  # one long prompt
+    short = timings([p[:100] for p in prompts])  # 64 prompts of 100 characters
+    one = timings(prompts[:1])  # one long prompt
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = best(prompts)
+    times = timings(prompts)
     return {"seconds": round(min(times), 3), "all_seconds": [round(t, 3) for t in times],
             "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) // 1024,
             "one_prompt_seconds": round(min(one), 3),
