@@ -31,7 +31,7 @@ test: install
 lint: install
 	$(BIN)/ruff check charrnn jobs tests bench
 
-# Every target's bench, one after another (about 15 minutes on 2 cores): the quality run's
+# Every target's bench, one after another (11 minutes on the 2-core machine): the quality run's
 # checkpoints then serve the generation and Serve benches. Figures: BENCHMARKS.md.
 QUALITY_RUN = $$($(BIN)/python -c 'import json; print(json.load(open("bench/results/train_quality.json"))["run"])')/quality
 bench: install

@@ -99,7 +99,6 @@ def test_the_watcher_picks_up_a_checkpoint_that_appears_later_and_stops(tmp_path
         time.sleep(0.01)
 
 
-
 def test_a_watcher_tick_waiting_on_a_slow_load_follows_the_newest_source(tmp_path):
     """Reconfigures to c (a slow load) and then b while the watcher ticks: b serves, and nothing
     else is loaded. The watcher used to read `source` before waiting for the load lock, so a
@@ -126,7 +125,8 @@ def test_a_watcher_tick_waiting_on_a_slow_load_follows_the_newest_source(tmp_pat
         to_b.start()
         time.sleep(0.05)  # so is the reconfigure to b
         gate.set()
-        to_c.join(10), to_b.join(10)
+        to_c.join(10)
+        to_b.join(10)
         time.sleep(0.1)  # many watcher ticks
         assert f.uri == b and load.calls == [a, c, b], load.calls
     finally:
