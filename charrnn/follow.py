@@ -46,12 +46,12 @@ class Follower:
             new = self._load(target)
             self.current, self.uri = new, target  # batches already running keep their model
 
-    def follow(self, uri: str | None = None) -> None:
-        """Serve `uri`'s checkpoint (by default `source`'s) if it is new; keep the current model
-        if it cannot load. `source` is read under the lock that loads are made under, so a
-        watcher tick that began before a reconfigure cannot swap the old source back in."""
+    def follow(self) -> None:
+        """Serve `source`'s checkpoint if it is new; keep the current model if it cannot load.
+        `source` is read under the lock that loads are made under, so a watcher tick that began
+        before a reconfigure cannot swap the old source back in."""
         with self._lock:
-            uri = uri or self.source
+            uri = self.source
             try:
                 self._swap_if_new(uri)
                 self.load_error = None

@@ -36,15 +36,15 @@ def test_a_new_checkpoint_is_swapped_in_once_and_a_broken_one_keeps_the_current(
     load = Loads()
     f = Follower(a, load)
     assert (f.current, f.uri, f.source, f.error) == (("model", a), a, a, None)
-    f.follow(a)  # the same checkpoint: nothing is loaded again
+    f.reconfigure({"checkpoint": a})  # the same checkpoint: nothing is loaded again
     assert load.calls == [a]
-    f.follow(b)
+    f.reconfigure({"checkpoint": b})
     assert f.current == ("model", b) and load.calls == [a, b] and f.error is None
     load.bad.add(c)
-    f.follow(c)  # a broken checkpoint: b keeps serving, and the reason is kept for GET /model
+    f.reconfigure({"checkpoint": c})  # broken: b keeps serving; the reason is kept for GET /model
     assert f.current == ("model", b) and f.error == f"{c}: model.pt is not a checkpoint"
     load.bad.clear()
-    f.follow(c)  # fixed (an upload that finished): swapped in, and the error is gone
+    f.follow()  # the watcher's tick, c fixed (an upload that finished): swapped in, error gone
     assert f.current == ("model", c) and f.error is None
 
 
