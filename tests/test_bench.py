@@ -1,6 +1,7 @@
 """The bench scripts are not run by the tests (their figures go to BENCHMARKS.md), but each one
 starts: its imports resolve and its arguments parse, and a count out of range is a usage error."""
 
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ def test_every_bench_script_starts(script):
 
 @pytest.mark.parametrize("args, error", [
     (["generation.py", "--baseline-chars", "0"], "argument --baseline-chars: must be at least 1, got 0"),
+    (["generation.py", "--device", "tpu"],
+     "argument --device: device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["ray_overhead.py", "--epochs", "1"], "argument --epochs: must be at least 2, got 1"),
     (["ray_overhead.py", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     (["train_quality.py", "--minutes", "nan"], "argument --minutes: must be a number above 0, got nan"),
@@ -38,3 +41,11 @@ def test_a_bench_argument_out_of_range_is_a_usage_error(args, error):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_bench_script_has_its_figures_in_benchmarks_md(script):
     assert f"python bench/{script}" in (ROOT / "BENCHMARKS.md").read_text()
+
+
+def test_the_device_script_parses_and_runs_only_bench_scripts_that_exist():
+    text = (ROOT / "bench/device.sh").read_text()
+    assert subprocess.run(["bash", "-n", "bench/device.sh"], cwd=ROOT).returncode == 0
+    used = set(re.findall(r"bench/(\w+\.py)", text))
+    assert used == {"throughput.py", "train_quality.py", "generation.py"} and used <= set(SCRIPTS)
+    assert "bash bench/device.sh" in (ROOT / "BENCHMARKS.md").read_text()
