@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from charrnn.generate import Stepper, prefill_calls
+from charrnn.generate import prefill_calls
 from charrnn.model import CharRNN
 from charrnn.sampling import RowControls, SampleParams, sample_next
+from charrnn.stepper import Stepper
 from charrnn.vocab import Vocab
 
 CANCEL_CHECK_STEPS = 8  # how often rows are checked for callers that went away (a Python scan)

@@ -1,9 +1,9 @@
 """Resuming a run: what its latest checkpoint gives back, and what the new config overrides.
 
-`Trainer._restore` applies these, in this order: open the checkpoint, check it belongs to this
-run, restore weights, optimizer and RNG, then let the config's LR and weight decay win and map
-the epoch position to the current batch size and number of workers. `kept` and `diverged` say,
-when a run stops early, which step it will resume from.
+`restore` applies these, in this order: open the checkpoint, check it belongs to this run,
+restore weights, optimizer and RNG, then let the config's LR and weight decay win; the trainer
+maps the epoch position to the current batch size and number of workers (`epoch_step`). `kept`
+and `diverged` say, when a run stops early, which step it will resume from.
 """
 
 from __future__ import annotations
@@ -30,6 +30,25 @@ def open_checkpoint(directory: Path, run_name: str, local: bool) -> tuple[checkp
             raise
         raise CheckpointError(f"cannot resume run {run_name!r}: {e}; to resume from the checkpoint "
                               "before it, move this one out of the run directory") from None
+
+
+def restore(directory: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: Config,
+            vocab: Vocab, val_signature: str, local: bool, rank: int,
+            device: torch.device) -> checkpoint.Loaded:
+    """Load the checkpoint in `directory` into `model` (the bare module), the optimizer, the LR
+    schedule and the RNG, once it is shown to be of this run. Its `meta` says where the run was."""
+    loaded, state = open_checkpoint(directory, cfg.run.name, local)
+    check_same_run(loaded, cfg, vocab, val_signature)
+    model.load_state_dict(loaded.model.state_dict())
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    apply_optimizer_settings(opt, sched, cfg.train)
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if rank:  # the saved state is rank 0's: other ranks keep distinct dropout masks
+        torch.manual_seed(cfg.train.seed + 7919 * rank + loaded.meta["step"])
+    return loaded
 
 
 def check_same_run(loaded: checkpoint.Loaded, cfg: Config, vocab: Vocab, val_signature: str) -> None:

@@ -92,21 +92,12 @@ class Trainer:
 
     # ----- state ------------------------------------------------------------------------
     def _restore(self, model: CharRNN, directory: Path) -> None:
-        loaded, state = resume.open_checkpoint(directory, self.cfg.run.name,
-                                               local=isinstance(self.b, LocalBackend))
-        resume.check_same_run(loaded, self.cfg, self.vocab, self.val_signature)
+        loaded = resume.restore(directory, model, self.opt, self.sched, self.cfg, self.vocab,
+                                self.val_signature, local=isinstance(self.b, LocalBackend),
+                                rank=self.b.rank, device=self.b.device)
         m = loaded.meta
         if self.invocation and m.get("invocation") == self.invocation:  # a restart
             self.budget.restore(m.get("invocation_elapsed_s", 0.0))
-        model.load_state_dict(loaded.model.state_dict())
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        resume.apply_optimizer_settings(self.opt, self.sched, self.cfg.train)
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.b.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.b.device)
-        if self.b.rank:  # the saved state is rank 0's: other ranks keep distinct dropout masks
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.b.rank + m["step"])
         self.epoch, self.step = m["next_epoch"], m["step"]
         self.epoch_step = resume.epoch_step(m, self.cfg.train.batch_size, self.b.world,
                                             self.steps_per_epoch)

@@ -147,7 +147,7 @@ def test_fp32_rows_do_not_depend_on_the_batch_at_full_size():
 
 
 def test_fused_step_matches_the_module(model):
-    from charrnn.generate import Stepper
+    from charrnn.stepper import Stepper
     step = Stepper(model)
     ids = torch.randint(0, len(VOCAB), (3, 6))
     _, state = model(ids[:, :5])
