@@ -129,6 +129,33 @@ def test_dockerfile_installs_the_pinned_ray_and_torch():
     assert Path(ROOT / ".dockerignore").read_text().count(".venv")
 
 
+def test_constraints_pin_every_dependency_within_its_range():
+    """`make install` (and so CI) installs with constraints.txt: each dependency pyproject.toml
+    names, dev extras included, must be pinned there to a version its range allows, so a range
+    widened or a package added without `make lock` is caught here rather than resolved afresh.
+    torch stays unpinned: the Makefile's TORCH chooses its build."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"constraints.txt: {line!r} is not name==version"
+            pins[canonicalize_name(name)] = version.strip()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in pins
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt (run make lock)"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}")
+
+
 def test_the_image_holds_what_its_jobs_and_manifests_need(tmp_path, corpus_path):
     """No Docker daemon here to build the image: this lays out its working directory from the
     Dockerfile's own COPY lines and runs the jobs there, so a job that needs a file the image
