@@ -43,6 +43,20 @@ bind_serve_grpc_to_node_ip()  # in the replica, before its gRPC server starts (b
 CHUNK_STEPS = 8  # characters per hand-off from the engine: streams stay smooth, the loop idle
 
 
+class _GroupsNeedNotFill(logging.Filter):
+    """Drops Serve's warning that `max_batch_size` x `max_concurrent_batches` (64 x 64) exceeds
+    `max_ongoing_requests` (256), logged by each replica at its first request. Its advice (raise
+    the latter to 4,096) assumes every gathered group fills to 64 rows. Here a group is only
+    how requests join the running engine batch: many small groups in flight is the design, and
+    `max_ongoing_requests` is the bound on a replica's rows, behind which a flood gets 503s."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING or "`max_concurrent_batches`" not in record.getMessage()
+
+
+log.addFilter(_GroupsNeedNotFill())  # `log` is the logger `ray.serve.batching` warns on
+
+
 @dataclass
 class Row:
     prompt: str

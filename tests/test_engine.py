@@ -209,6 +209,44 @@ def test_a_hot_swap_while_a_group_gathers_splits_it_by_model():
         assert "".join(s[:end]) == w and set(s[end + 1:]) <= {"", StopIteration}
 
 
+def test_serves_warning_that_groups_do_not_fill_is_dropped_and_others_are_kept(monkeypatch):
+    """Serve checks `max_batch_size` x `max_concurrent_batches` against `max_ongoing_requests`
+    when a replica creates a gatherer's queue. Run here with the deployment's own settings
+    (64 x 64 > 256): Serve still warns, and `serve._GroupsNeedNotFill` keeps that warning, whose
+    advice would lift the bound on a replica's rows, out of the log; other warnings pass."""
+    import asyncio
+    import logging
+    import types
+
+    from ray.serve import batching
+
+    from charrnn import serve
+    replica = types.SimpleNamespace(_deployment_config=serve.CharRNNServer._deployment_config)
+    monkeypatch.setattr(batching.serve, "get_replica_context", lambda: replica)
+    lazy = serve.CharRNNServer.func_or_class._batch._is_batching_task_alive.__self__
+    assert lazy.max_batch_size * lazy.max_concurrent_batches > replica._deployment_config.max_ongoing_requests
+
+    logger, seen = logging.getLogger("ray.serve"), []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = seen.append
+
+    async def first_request():  # what creates the queue in a replica (in its event loop)
+        monkeypatch.setattr(lazy, "_queue", None)
+        lazy.queue  # noqa: B018
+        logger.warning("another warning")
+
+    logger.addHandler(catch)
+    try:
+        asyncio.run(first_request())
+        assert [r.getMessage() for r in seen] == ["another warning"]
+        with monkeypatch.context() as m:  # without the filter, Serve's warning is there
+            m.setattr(logger, "filters", [])
+            asyncio.run(first_request())
+    finally:
+        logger.removeHandler(catch)
+    assert "`max_concurrent_batches` (64)" in seen[1].getMessage()
+
+
 def test_a_loop_stuck_in_a_step_shows_in_stalled_s_and_fails_the_health_check(model):
     """A failed step fails its groups; a step that never returns (a hung device) would leave
     them waiting forever, and only the replica's health check can end that."""
