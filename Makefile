@@ -29,8 +29,9 @@ lock:
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q "$(TORCH)"
 	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
-	{ sed -n '/^#/p;/^[^#]/q' constraints.txt; \
-	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -iv '^torch=='; } > constraints.txt.new
+	$(LOCK_VENV)/bin/pip freeze --exclude-editable > $(LOCK_VENV)/freeze.txt
+	{ sed -n '/^#/p;/^[^#]/q' constraints.txt; grep -iv '^torch==' $(LOCK_VENV)/freeze.txt; } \
+		> constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 
