@@ -12,12 +12,17 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 install: $(VENV)/.installed
 
+# A venv with torch, then this package and its dev extras: $(1) the venv, $(2) pip's extra flags.
+define venv_with_deps
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q $(2) "$(TORCH)"
+	$(1)/bin/pip install -q $(2) -e '.[dev]'
+endef
+
 # constraints.txt pins every package but torch to the versions last tested together.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt "$(TORCH)"
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(call venv_with_deps,$(VENV),-c constraints.txt)
 	touch $@
 
 # Re-resolve pyproject.toml's ranges in a scratch venv and pin the result in constraints.txt;
@@ -25,10 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 LOCK_VENV := .lock-venv
 lock:
 	rm -rf $(LOCK_VENV)
-	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/pip install -q --upgrade pip
-	$(LOCK_VENV)/bin/pip install -q "$(TORCH)"
-	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
+	$(call venv_with_deps,$(LOCK_VENV),)
 	$(LOCK_VENV)/bin/pip freeze --exclude-editable > $(LOCK_VENV)/freeze.txt
 	{ sed -n '/^#/p;/^[^#]/q' constraints.txt; grep -iv '^torch==' $(LOCK_VENV)/freeze.txt; } \
 		> constraints.txt.new
