@@ -1,8 +1,10 @@
+import hashlib
+
 import numpy as np
 import pytest
 
 from charrnn.config import DataConfig
-from charrnn.data import EpochPlan, local_index_batches, split_corpus, val_chunks
+from charrnn.data import EpochPlan, local_index_batches, split_corpus, val_chunks, val_signature
 from charrnn.errors import CorpusError, VocabError
 from charrnn.vocab import Vocab
 
@@ -92,6 +94,18 @@ def test_offsets_and_order_change_with_the_epoch_and_are_reproducible():
     assert again.offset == plans[3].offset and np.array_equal(again.perm, plans[3].perm)
 
 
+def test_the_epoch_order_is_the_one_earlier_versions_computed():
+    """Resuming mid-epoch recomputes the epoch's order: it must be what the run that saved the
+    checkpoint visited, which earlier versions drew with `rng.permutation` (int64)."""
+    for n, seed, epoch in ((5000, 7, 3), (123_457, 1337, 0), (1, 0, 5)):
+        train, _ = split_corpus(_ids(n * 20 + 500), DataConfig(seq_len=20, stride=20))
+        rng = np.random.default_rng([seed, epoch])
+        offset = int(rng.integers(0, train.max_offset + 1))
+        plan = EpochPlan(train, seed=seed, epoch=epoch)
+        assert plan.offset == offset and plan.perm.dtype == np.int32
+        assert np.array_equal(plan.perm, rng.permutation(train.num_windows))
+
+
 def test_an_epoch_covers_each_training_character_once_as_a_target():
     train, _ = split_corpus(_ids(5000), DataConfig(seq_len=20, stride=20))
     plan = EpochPlan(train, seed=0, epoch=2)
@@ -102,12 +116,22 @@ def test_an_epoch_covers_each_training_character_once_as_a_target():
     assert len(np.unique(covered)) == len(covered) >= len(train.ids) - 2 * 20
 
 
+def test_the_held_out_texts_signature_is_the_one_saved_checkpoints_hold():
+    """Checkpoints keep this digest and a resumed run compares it: it is the SHA-256 of the
+    held-out ids' bytes (uint8 and uint16 alike), as earlier versions computed it."""
+    for ids in (_ids(5000), (np.arange(5000) % 300).astype(np.uint16)):
+        _, val = split_corpus(ids, DataConfig(seq_len=20, stride=20))
+        for max_chars, n in ((0, len(val.ids)), (100, 101)):
+            want = hashlib.sha256(val.ids[:n].tobytes()).hexdigest()[:16]
+            assert val_signature(val, max_chars) == want
+
+
 def test_memory_is_linear_in_the_corpus():
     ids = np.zeros(2_000_000, dtype=np.uint8)
     train, _ = split_corpus(ids, DataConfig(seq_len=100, stride=100))
     plan = EpochPlan(train, seed=0, epoch=0)
-    # ids (1 byte/char) + a permutation of N/stride windows; nothing of size N x seq_len.
-    assert plan.perm.nbytes <= ids.nbytes * 8 / 100
+    # ids (1 byte/char) + a permutation of N/stride windows (4 bytes each); nothing N x seq_len.
+    assert plan.perm.nbytes <= ids.nbytes * 4 / 100
 
 
 def test_too_short_corpus():
