@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python bench/train_quality.py --corpus $(CORPUS)
 	$(BIN)/python bench/throughput.py --corpus $(CORPUS)
 	$(BIN)/python bench/generation.py --checkpoint $(QUALITY_RUN)/winner.json
+	$(BIN)/python bench/step.py --checkpoint $(QUALITY_RUN)/winner.json
 	$(BIN)/python bench/ray_overhead.py --corpus $(CORPUS)
 	$(BIN)/python bench/data_pipeline.py --corpus $(CORPUS)
 	$(BIN)/python bench/scale.py

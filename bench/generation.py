@@ -60,7 +60,11 @@ def main():
         ap.error(f"argument --device: {e}")
     if args.checkpoint:
         from charrnn import checkpoint
-        loaded = checkpoint.load(args.checkpoint)
+        from charrnn.errors import CharrnnError
+        try:
+            loaded = checkpoint.load(args.checkpoint)
+        except CharrnnError as e:  # a bad --checkpoint: one line, as in jobs/generate.py
+            ap.error(f"argument --checkpoint: {e}")
         model, vocab, window = loaded.model, loaded.vocab, loaded.config.data.seq_len
     else:  # speed does not depend on the weights: the alice.yaml architecture, 45 characters
         vocab = Vocab.from_text("\n !\"'(),-.:;?[]_abcdefghijklmnopqrstuvwxyz*0`")

@@ -2,7 +2,8 @@
 the model, and the first training step comes within 60 s of the job's start.
 
 Builds the corpus (Alice repeated, with a counter line so it is not a plain repeat), then runs
-`jobs/train.py --workers 2` for a short while, sampling the RSS of every Ray Train worker.
+`jobs/train.py --workers 2` for a short while, sampling the RSS of every Ray Train worker, and
+what of it is shared with other processes (the corpus in the object store, the libraries).
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python bench/scale.py [--gb 1.0]
 """
@@ -62,7 +63,8 @@ def main():
                             continue
                     except psutil.Error:
                         continue
-                    peak[p.pid] = max(peak.get(p.pid, 0), p.info["memory_info"].rss)
+                    mem = p.info["memory_info"]  # at its peak RSS: how much of it is shared
+                    peak[p.pid] = max(peak.get(p.pid, (0, 0)), (mem.rss, mem.shared))
                 time.sleep(0.5)
 
         threading.Thread(target=sample, daemon=True).start()
@@ -87,7 +89,10 @@ def main():
         model_mb = round(params * 4 * 4 / 1e6, 1) if params else None  # weights, grads, 2 moments
         result = {"corpus_bytes": corpus.stat().st_size, "workers": args.workers,
                   "first_step_s": round(first_step, 1) if first_step else None,
-                  "peak_rss_per_worker_mb": sorted(round(v / 1e6) for v in peak.values()),
+                  "peak_rss_per_worker_mb": sorted(round(rss / 1e6) for rss, _ in peak.values()),
+                  # of it, pages shared with other processes: the corpus in the object store
+                  # (mapped by every worker) and the libraries' code
+                  "shared_at_peak_mb": sorted(round(shared / 1e6) for _, shared in peak.values()),
                   "model_state_mb": model_mb, "exit_code": proc.returncode}
         Path(args.out).write_text(json.dumps(result, indent=2))
         print("".join(lines[-5:]))

@@ -1,0 +1,138 @@
+"""Where a generation step's time goes, and the ceiling that puts on the generation target.
+
+Generation repeats one step per character (`charrnn/stepper.py`: a table lookup, one GEMM per
+layer, the gate math, the head) and one draw (`charrnn/sampling.py`). This times, for `--rows`
+rows and for one row, in fp32 and bf16:
+- the whole step and the draw, as `generate.py` runs them;
+- each GEMM of the step alone (layer 0: `h @ W_hh` added to the looked-up input projection;
+  later layers: `[x, h] @ [W_ih; W_hh]`; the head), whose sum no step built on them can beat;
+- the rest of the step: gate math, table lookup, concatenation, Python.
+It also times the tutorial's method (argmax, re-running the 100-character window per character,
+batch 1) on the same checkpoint, and divides: the step's own ratio, and the GEMMs-alone ceiling.
+Each timing is the median of `--rounds` rounds, the rounds of all timings interleaved, so a
+drift of this machine's speed falls on all of them alike.
+
+    python bench/step.py --checkpoint runs/demo/winner.json [--threads 1]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from argtypes import at_least  # bench/, first on sys.path when a script runs
+from generation import generate_window_rerun
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from charrnn import checkpoint  # noqa: E402
+from charrnn.errors import CharrnnError  # noqa: E402
+from charrnn.sampling import RowControls, SampleParams, sample_next  # noqa: E402
+from charrnn.stepper import Stepper  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def step_timings(model, vocab_size: int, rows: int, dtype: torch.dtype) -> dict:
+    """Callables, by name, each one part of a step for `rows` rows (random ids and state)."""
+    st = Stepper(model, dtype)
+    if not st.fused:
+        raise SystemExit("bench/step.py: the checkpoint is a GRU; only the fused LSTM step is timed")
+    H, L = st.H, len(st.w)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (rows,), generator=g)
+    state = ([torch.randn(rows, H, generator=g).to(dtype) for _ in range(L)],
+             [torch.randn(rows, H, generator=g).to(dtype) for _ in range(L)])
+    h = state[0]
+    xh = torch.cat([h[0], h[0]], 1)  # (rows, 2H): a later layer's [x, h]
+    looked_up = F.embedding(ids, st.table)  # (rows, 4H)
+    last, _ = st(ids, state)  # (rows, V)
+    rc = RowControls([SampleParams(1000, temperature=0.8, seed=i) for i in range(rows)], "cpu")
+    drawn = torch.zeros(rows, dtype=torch.long)
+    parts = {"step": lambda: st(ids, state), "draw": lambda: sample_next(last, rc, drawn),
+             "gemm_layer0": lambda: torch.addmm(looked_up, h[0], st.w[0])}
+    for layer in range(1, L):
+        parts[f"gemm_layer{layer}"] = (lambda w=st.w[layer], b=st.b[layer]: torch.addmm(b, xh, w))
+    parts["gemm_head"] = lambda: torch.addmm(st.head_b, h[0], st.head_w)
+    return parts
+
+
+def median_us(timings: dict, calls: int, rounds: int) -> dict:
+    """Microseconds per call of each callable (same keys): the median of `rounds` interleaved
+    rounds."""
+    for fn in timings.values():  # warm-up: allocator, kernel selection
+        for _ in range(20):
+            fn()
+    per = {name: [] for name in timings}
+    for _ in range(rounds):
+        for name, fn in timings.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per[name].append((time.perf_counter() - t) / calls * 1e6)
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint URI (a winner.json, run or checkpoint)")
+    ap.add_argument("--rows", type=at_least(1), default=64, help="rows stepped together (default 64)")
+    ap.add_argument("--threads", type=at_least(0), default=0,
+                    help="torch threads (0: torch's default; a Serve replica uses 1)")
+    ap.add_argument("--calls", type=at_least(1), default=300, help="calls per round of each timing")
+    ap.add_argument("--rounds", type=at_least(1), default=7)
+    ap.add_argument("--baseline-chars", type=at_least(1), default=200)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/step.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        loaded = checkpoint.load(args.checkpoint)
+    except CharrnnError as e:  # a bad --checkpoint: one line, as in jobs/generate.py
+        ap.error(f"argument --checkpoint: {e}")
+    model, vocab, window = loaded.model.eval(), loaded.vocab, loaded.config.data.seq_len
+
+    with torch.inference_mode():
+        timings = {}
+        for dname, dtype in DTYPES.items():
+            for rows in dict.fromkeys((args.rows, 1)):
+                for part, fn in step_timings(model, len(vocab), rows, dtype).items():
+                    timings[(dname, rows, part)] = fn
+        us = median_us(timings, args.calls, args.rounds)  # by (precision, rows, part)
+    prompt = "alice was beginning to get very tired of sitting by her sister on the bank"
+    generate_window_rerun(model, vocab, prompt, 5, window)  # warm-up
+    t = time.perf_counter()
+    generate_window_rerun(model, vocab, prompt, args.baseline_chars, window)
+    tutorial = args.baseline_chars / (time.perf_counter() - t)
+
+    result = {"checkpoint": args.checkpoint, "rows": args.rows, "threads": torch.get_num_threads(),
+              "tutorial_chars_per_s": round(tutorial, 1)}
+    for dname in DTYPES:
+        for rows in dict.fromkeys((args.rows, 1)):
+            part = {k[2]: v for k, v in us.items() if k[:2] == (dname, rows)}
+            gemms = sum(v for k, v in part.items() if k.startswith("gemm"))
+            step_and_draw = part["step"] + part["draw"]
+            result[f"{dname}_{rows}_rows"] = {
+                **{f"{k}_us": round(v, 1) for k, v in part.items()},
+                "gemms_alone_us": round(gemms, 1),
+                "rest_of_step_us": round(part["step"] - gemms, 1),
+                "chars_per_s": round(rows / step_and_draw * 1e6),
+                "ratio_to_tutorial": round(rows / step_and_draw * 1e6 / tutorial, 1),
+                "gemms_alone_ceiling_ratio": round(rows / gemms * 1e6 / tutorial, 1)}
+    for dname in DTYPES:  # what batching a step gains per row, the bound on Serve's engine gain
+        if args.rows > 1:
+            one, many = result[f"{dname}_1_rows"], result[f"{dname}_{args.rows}_rows"]
+            result[f"{dname}_batching_gain"] = round(
+                args.rows * (one["step_us"] + one["draw_us"]) / (many["step_us"] + many["draw_us"]), 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
