@@ -6,7 +6,9 @@ rows and for one row, in fp32 and bf16:
 - the whole step and the draw, as `generate.py` runs them;
 - each GEMM of the step alone (layer 0: `h @ W_hh` added to the looked-up input projection;
   later layers: `[x, h] @ [W_ih; W_hh]`; the head), whose sum no step built on them can beat;
-- the rest of the step: gate math, table lookup, concatenation, Python.
+- the rest of the step (the whole step less its GEMMs alone): gate math, table lookup,
+  concatenation, Python, and what the GEMMs lose inside the step, where their weights and the
+  gates share the caches.
 It also times the tutorial's method (argmax, re-running the 100-character window per character,
 batch 1) on the same checkpoint, and divides: the step's own ratio, and the GEMMs-alone ceiling.
 Each timing is the median of `--rounds` rounds, the rounds of all timings interleaved, so a
