@@ -1,5 +1,6 @@
 """argparse types for the bench scripts: a count or amount outside its range is a one-line usage
-error (`--baseline-chars 0` was a ZeroDivisionError after the whole batched run)."""
+error (`--baseline-chars 0` was a ZeroDivisionError after the whole batched run); so is a
+`--checkpoint` that cannot be loaded (`load_checkpoint`)."""
 
 import argparse
 import math
@@ -37,3 +38,14 @@ def positive(text: str) -> float:
 def non_negative(text: str) -> float:
     """A finite number >= 0."""
     return _number(text, zero_ok=True)
+
+
+def load_checkpoint(ap: argparse.ArgumentParser, uri: str):
+    """`charrnn.checkpoint.load(uri)`, or a one-line usage error naming `--checkpoint` (as
+    jobs/generate.py gives) instead of a traceback."""
+    from charrnn import checkpoint  # the scripts put the repository on sys.path before parsing
+    from charrnn.errors import CharrnnError
+    try:
+        return checkpoint.load(uri)
+    except CharrnnError as e:
+        ap.error(f"argument --checkpoint: {e}")

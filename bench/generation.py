@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from argtypes import at_least  # bench/, first on sys.path when a script runs
+from argtypes import at_least, load_checkpoint  # bench/, first on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,12 +59,7 @@ def main():
     except ValueError as e:
         ap.error(f"argument --device: {e}")
     if args.checkpoint:
-        from charrnn import checkpoint
-        from charrnn.errors import CharrnnError
-        try:
-            loaded = checkpoint.load(args.checkpoint)
-        except CharrnnError as e:  # a bad --checkpoint: one line, as in jobs/generate.py
-            ap.error(f"argument --checkpoint: {e}")
+        loaded = load_checkpoint(ap, args.checkpoint)
         model, vocab, window = loaded.model, loaded.vocab, loaded.config.data.seq_len
     else:  # speed does not depend on the weights: the alice.yaml architecture, 45 characters
         vocab = Vocab.from_text("\n !\"'(),-.:;?[]_abcdefghijklmnopqrstuvwxyz*0`")

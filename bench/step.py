@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from argtypes import at_least  # bench/, first on sys.path when a script runs
+from argtypes import at_least, load_checkpoint  # bench/, first on sys.path when a script runs
 from generation import generate_window_rerun
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn import checkpoint  # noqa: E402
-from charrnn.errors import CharrnnError  # noqa: E402
 from charrnn.sampling import RowControls, SampleParams, sample_next  # noqa: E402
 from charrnn.stepper import Stepper  # noqa: E402
 
@@ -93,10 +91,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        loaded = checkpoint.load(args.checkpoint)
-    except CharrnnError as e:  # a bad --checkpoint: one line, as in jobs/generate.py
-        ap.error(f"argument --checkpoint: {e}")
+    loaded = load_checkpoint(ap, args.checkpoint)
     model, vocab, window = loaded.model.eval(), loaded.vocab, loaded.config.data.seq_len
 
     with torch.inference_mode():
