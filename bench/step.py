@@ -109,23 +109,22 @@ def main():
 
     result = {"checkpoint": args.checkpoint, "rows": args.rows, "threads": torch.get_num_threads(),
               "tutorial_chars_per_s": round(tutorial, 1)}
+    rate = {}  # (precision, rows) -> characters/s of the step and the draw
     for dname in DTYPES:
         for rows in dict.fromkeys((args.rows, 1)):
             part = {k[2]: v for k, v in us.items() if k[:2] == (dname, rows)}
             gemms = sum(v for k, v in part.items() if k.startswith("gemm"))
-            step_and_draw = part["step"] + part["draw"]
+            rate[dname, rows] = rows / (part["step"] + part["draw"]) * 1e6
             result[f"{dname}_{rows}_rows"] = {
                 **{f"{k}_us": round(v, 1) for k, v in part.items()},
                 "gemms_alone_us": round(gemms, 1),
                 "rest_of_step_us": round(part["step"] - gemms, 1),
-                "chars_per_s": round(rows / step_and_draw * 1e6),
-                "ratio_to_tutorial": round(rows / step_and_draw * 1e6 / tutorial, 1),
+                "chars_per_s": round(rate[dname, rows]),
+                "ratio_to_tutorial": round(rate[dname, rows] / tutorial, 1),
                 "gemms_alone_ceiling_ratio": round(rows / gemms * 1e6 / tutorial, 1)}
     for dname in DTYPES:  # what batching a step gains per row, the bound on Serve's engine gain
         if args.rows > 1:
-            one, many = result[f"{dname}_1_rows"], result[f"{dname}_{args.rows}_rows"]
-            result[f"{dname}_batching_gain"] = round(
-                args.rows * (one["step_us"] + one["draw_us"]) / (many["step_us"] + many["draw_us"]), 1)
+            result[f"{dname}_batching_gain"] = round(rate[dname, args.rows] / rate[dname, 1], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
