@@ -245,7 +245,7 @@ def main():
                     help="requests sent at once to see load shedding (0: skip)")
     ap.add_argument("--rounds", type=at_least(1), default=3,
                     help="sequential + concurrent rounds (median kept)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--batch-wait", type=non_negative, default=ServeConfig.batch_wait_timeout_s,
                     help="batch_wait_timeout_s (default: the ServeConfig default)")
     ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads in the replica")

@@ -2,7 +2,7 @@
 
 Generation repeats one step per character (`charrnn/stepper.py`: a table lookup, one GEMM per
 layer, the gate math, the head) and one draw (`charrnn/sampling.py`). This times, for `--rows`
-rows and for one row, in fp32 and bf16:
+rows and for one row, in fp32, bf16 and int8 (`charrnn/quantized.py`):
 - the whole step and the draw, as `generate.py` runs them;
 - each GEMM of the step alone (layer 0: `h @ W_hh` added to the looked-up input projection;
   later layers: `[x, h] @ [W_ih; W_hh]`; the head), whose sum no step built on them can beat;
@@ -33,29 +33,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charrnn.sampling import RowControls, SampleParams, sample_next  # noqa: E402
-from charrnn.stepper import Stepper  # noqa: E402
+from charrnn.stepper import make_stepper  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # int8: CPU
 
 
 def step_timings(model, vocab_size: int, rows: int, dtype: torch.dtype) -> dict:
     """Callables, by name, each one part of a step for `rows` rows (random ids and state)."""
-    st = Stepper(model, dtype)
+    st = make_stepper(model, dtype)
     if not st.fused:
         raise SystemExit("bench/step.py: the checkpoint is a GRU; only the fused LSTM step is timed")
     H, L = st.H, len(st.w)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (rows,), generator=g)
-    state = ([torch.randn(rows, H, generator=g).to(dtype) for _ in range(L)],
-             [torch.randn(rows, H, generator=g).to(dtype) for _ in range(L)])
+    state = st.state_in((torch.rand(L, rows, H, generator=g) * 2 - 1, torch.randn(L, rows, H, generator=g)))
     h = state[0]
     xh = torch.cat([h[0], h[0]], 1)  # (rows, 2H): a later layer's [x, h]
-    looked_up = F.embedding(ids, st.table)  # (rows, 4H)
     last, _ = st(ids, state)  # (rows, V)
     rc = RowControls([SampleParams(1000, temperature=0.8, seed=i) for i in range(rows)], "cpu")
     drawn = torch.zeros(rows, dtype=torch.long)
-    parts = {"step": lambda: st(ids, state), "draw": lambda: sample_next(last, rc, drawn),
-             "gemm_layer0": lambda: torch.addmm(looked_up, h[0], st.w[0])}
+    draw = getattr(st, "draw", sample_next)  # as generate.py draws: int8 has its own
+    parts = {"step": lambda: st(ids, state), "draw": lambda: draw(last, rc, drawn)}
+    if dtype == torch.int8:  # int32 sums into a reused buffer, as the step does
+        acc = torch.empty(rows, 4 * H, dtype=torch.int32)
+        head = torch.empty(rows, last.shape[1], dtype=torch.int32)
+        parts["gemm_layer0"] = lambda: torch._int_mm(h[0], st.w[0], out=acc)
+        for layer in range(1, L):
+            parts[f"gemm_layer{layer}"] = (lambda w=st.w[layer]: torch._int_mm(xh, w, out=acc))
+        parts["gemm_head"] = lambda: torch._int_mm(h[0], st.head_w, out=head)
+        return parts
+    looked_up = F.embedding(ids, st.table)  # (rows, 4H)
+    parts["gemm_layer0"] = lambda: torch.addmm(looked_up, h[0], st.w[0])
     for layer in range(1, L):
         parts[f"gemm_layer{layer}"] = (lambda w=st.w[layer], b=st.b[layer]: torch.addmm(b, xh, w))
     parts["gemm_head"] = lambda: torch.addmm(st.head_b, h[0], st.head_w)

@@ -278,10 +278,11 @@ class ServeConfig:
     device: str = "auto"
     """`auto` (cuda when the replica has a GPU), `cpu` or `cuda`."""
     precision: str = "fp32"
-    """Per-character steps in `fp32` (the offline CLI's texts, whatever shares the batch) or
-    `bf16` (faster with many rows on bf16-capable CPUs and GPUs, but a row's text can then depend on the
+    """Per-character steps in `fp32` (the offline CLI's texts, whatever shares the batch), `bf16`
+    (faster with many rows on bf16-capable CPUs and GPUs, but a row's text can then depend on the
     batch it shares: bf16 rounding of the state magnifies the last-bit differences that a lone
-    row's matmul kernel and the packed prefill make)."""
+    row's matmul kernel and the packed prefill make) or `int8` (CPU, LSTM; the fastest on CPU and
+    batch-independent; builds a C kernel at load, so the replica needs a C compiler)."""
     threads: int = 0
     """torch threads per replica; 0 keeps Ray's default (the replica's `num_cpus`)."""
 
@@ -298,7 +299,7 @@ class ServeConfig:
         want(self, "serve.max_prompt_chars", self.max_prompt_chars >= 1, ">= 1")
         want(self, "serve.max_body_bytes", self.max_body_bytes >= 1024, ">= 1024")
         want(self, "serve.device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
-        want(self, "serve.precision", self.precision in ("fp32", "bf16"), "fp32 or bf16")
+        want(self, "serve.precision", self.precision in ("fp32", "bf16", "int8"), "fp32, bf16 or int8")
         want(self, "serve.threads", self.threads >= 0, ">= 0 (0: the replica's num_cpus)")
 
 

@@ -23,7 +23,7 @@ import torch
 from charrnn.generate import prefill_calls
 from charrnn.model import CharRNN
 from charrnn.sampling import RowControls, SampleParams, sample_next
-from charrnn.stepper import Stepper
+from charrnn.stepper import make_stepper
 from charrnn.vocab import Vocab
 
 CANCEL_CHECK_STEPS = 8  # how often rows are checked for callers that went away (a Python scan)
@@ -84,7 +84,8 @@ class Engine:
 
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
         self.model, self.vocab, self.device = model, vocab, torch.device(device)
-        self.stepper = Stepper(model, dtype)
+        self.stepper = make_stepper(model, dtype)
+        self.draw = getattr(self.stepper, "draw", sample_next)  # the int8 step's own, else torch's
         self._lock = threading.Lock()
         self._pending: list = []
         self._thread: threading.Thread | None = None
@@ -165,7 +166,7 @@ class _Batch:
         """Start the prefill of groups (prompts, params, _Group), together in one packed batch.
         Their rows join the running batch when it is done (`prefill_call`)."""
         e, prompts = self.e, [p for ps, _, _ in groups for p in ps]
-        self.joining.append((prefill_calls(e.model, e.vocab, prompts, e.device), groups))
+        self.joining.append((prefill_calls(e.model, e.vocab, prompts, e.device, e.stepper), groups))
 
     def prefill_call(self) -> None:
         """One model call of a joining prefill, taken in turn (a short prompt arriving behind
@@ -226,7 +227,7 @@ class _Batch:
         self.chunk = min((g.chunk_steps for g, _ in self.rows if g.chunk_steps), default=None)
 
     def step(self) -> None:
-        ids = sample_next(self.last, self.rc, self.done)  # (B,)
+        ids = self.e.draw(self.last, self.rc, self.done)  # (B,)
         self.buffer.append(ids)
         self.done += 1
         ended = self.done >= self.total  # (B,) bool

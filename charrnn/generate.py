@@ -17,7 +17,7 @@ import torch
 
 from charrnn.model import CharRNN
 from charrnn.sampling import RowControls, SampleParams, sample_next
-from charrnn.stepper import Stepper
+from charrnn.stepper import make_stepper
 from charrnn.vocab import Vocab
 
 # A prefill feeds prompts in model calls of at most PREFILL_CHUNK characters a row (state
@@ -30,11 +30,13 @@ PREFILL_CHUNK = 128
 PREFILL_POSITIONS = 8192
 
 
-def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tuple[torch.Tensor, Any]:
+def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
+            stepper=None) -> tuple[torch.Tensor, Any]:
     """Feed the prompts once (one packed batch, any lengths): -> logits after each prompt's
     last character (B, V) and the recurrent state (nn.LSTM's format). An empty prompt starts
-    from `vocab.start` (a newline where the vocabulary has one)."""
-    calls = prefill_calls(model, vocab, prompts, device)
+    from `vocab.start` (a newline where the vocabulary has one). A `stepper` whose
+    `steps_prompts` is set (int8) feeds them through itself instead of the model."""
+    calls = prefill_calls(model, vocab, prompts, device, stepper)
     while True:
         try:
             next(calls)
@@ -42,7 +44,8 @@ def prefill(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> tup
             return done.value
 
 
-def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) -> Iterator[None]:
+def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
+                  stepper=None) -> Iterator[None]:
     """`prefill` one model call at a time: each `next()` makes one call; the one that makes the
     last raises StopIteration with (last, state) as its value.
 
@@ -65,13 +68,45 @@ def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device) 
             x = torch.zeros(len(rows), int(n.max()), dtype=torch.long)
             for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
                 x[r, :k] = ids[b][start: start + k]
-            logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
+            if getattr(stepper, "steps_prompts", False):
+                logits, part = step_prompts(stepper, x, _rows(state, rows), n)
+            else:
+                logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
             if state is None:  # the first group: room for every row (zeros: nn.LSTM's start)
                 last = logits.new_zeros(len(texts), logits.shape[-1])  # (B, V)
                 state = _each(lambda s: s.new_zeros(s.shape[0], len(texts), s.shape[2]), part)
             last[rows.to(device)] = logits[:, 0]
             state = _put_rows(state, rows, part)
     return last, state
+
+
+def step_prompts(stepper, x: torch.Tensor, state, lengths: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One prefill call through `stepper`, a position at a time: x (R, T) ids, row r fed its
+    first lengths[r] of them, from `state` (nn.LSTM's format; None: zeros) -> the logits after
+    each row's last id (R, 1, V) and the state after it (nn.LSTM's format), as the model's call.
+
+    Rows go longest first, so the rows still feeding at position t are a prefix of the batch,
+    stepped through views with no masking."""
+    R, T = x.shape
+    order = torch.argsort(lengths, descending=True, stable=True)
+    x, n = x[order], lengths[order]
+    if state is None:
+        zeros = torch.zeros(len(stepper.w), R, stepper.H)
+        state = (zeros, zeros)
+    h, c = stepper.state_in(_rows(state, order))  # per-layer (R, H); written below in place
+    feeding = (n[None, :] > torch.arange(T)[:, None]).sum(1).tolist()  # rows still feeding, per t
+    last = None
+    for t, k in enumerate(feeding):
+        logits, (h_k, c_k) = stepper(x[:k, t], ([a[:k] for a in h], [a[:k] for a in c]))
+        for a, b in zip(h + c, h_k + c_k):
+            a[:k] = b
+        if last is None:
+            last = logits.new_empty(R, logits.shape[1])
+        ended = feeding[t + 1] if t + 1 < T else 0  # rows ended..k-1 fed their last id at t
+        last[ended:k] = logits[ended:k]
+    back = torch.argsort(order)
+    h, c = stepper.state_out((h, c))  # (L, R, H) each
+    return last[back][:, None], (h[:, back], c[:, back])
 
 
 def _each(fn, state, *more):
@@ -115,13 +150,14 @@ def sample_ids(
     device = torch.device(device)
     rc = RowControls(params, device)
     steps = max(p.max_new_chars for p in params)
-    step_fn = Stepper(model, dtype)
+    step_fn = make_stepper(model, dtype)
+    draw = getattr(step_fn, "draw", sample_next)  # the int8 step's own, else the torch ops
     with torch.inference_mode():
-        last, state = prefill(model, vocab, prompts, device)
+        last, state = prefill(model, vocab, prompts, device, step_fn)
         state = step_fn.state_in(state)
         t = torch.zeros(B, dtype=torch.long, device=device)
         for step in range(steps):
-            ids = sample_next(last, rc, t)
+            ids = draw(last, rc, t)
             yield ids
             if step + 1 < steps:
                 last, state = step_fn(ids, state)  # one step
@@ -193,16 +229,18 @@ class Generator:
     prompts sent one by one give the same texts.
     """
 
-    PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
     def __init__(self, loaded, device: str = "cpu", precision: str = "fp32"):
         if precision not in self.PRECISIONS:
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+            raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
         self.loaded = loaded
         self.model = loaded.model.to(device).eval()
         self.vocab = loaded.vocab
         self.device = device
-        self.dtype = self.PRECISIONS[precision]  # of the per-character steps (bf16: faster)
+        self.dtype = self.PRECISIONS[precision]  # of the per-character steps (bf16, int8: faster)
+        if self.dtype == torch.int8:  # a GRU, a GPU or no C compiler: one error now, not later
+            make_stepper(self.model, self.dtype)
 
     def prepare(self, prompts: Sequence[str], oov: str = "error") -> list[str]:
         from charrnn.corpus import normalize_prompt

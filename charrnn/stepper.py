@@ -1,7 +1,8 @@
 """The fused recurrent step that generation repeats once per character.
 
 `generate.py` (offline) and `engine.py` (Serve's continuous batch) both step their rows with it:
-ids (B,) + state -> logits (B, V) + state, with no window re-run.
+ids (B,) + state -> logits (B, V) + state, with no window re-run. `make_stepper` picks it, or its
+int8 variant (`quantized.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from charrnn.model import CharRNN
+
+
+def make_stepper(model: CharRNN, dtype: torch.dtype = torch.float32):
+    """The step for `dtype`: fp32 or bf16 (`Stepper`), or int8 (`quantized.Int8Stepper`, CPU)."""
+    if dtype == torch.int8:
+        from charrnn.quantized import Int8Stepper  # it builds on Stepper
+        return Int8Stepper(model)
+    return Stepper(model, dtype)
 
 
 class Stepper:

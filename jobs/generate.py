@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="text (default: prompt + completion, '---' between prompts) or jsonl "
                         "(one object per prompt: prompt, completion, seed, run)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="per-character steps in fp32 (default) or bf16 (faster where supported)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="per-character steps in fp32 (default), bf16 (faster where supported) or "
+                        "int8 (CPU and LSTM only, the fastest there; needs a C compiler)")
     p.add_argument("--token", default=os.environ.get("CHARRNN_API_TOKEN"),
                    help="bearer token for --serve-url (default: $CHARRNN_API_TOKEN)")
     return p.parse_args(argv)

@@ -153,7 +153,7 @@ def test_string_settings_take_any_text_from_set():
 @pytest.mark.parametrize("args,match", [
     ({"checkpoint": "x", "max_prompts": "0"}, r"serve.max_prompts must be >= 1, got 0"),
     ({"checkpoint": "x", "max_prompt_chars": 0}, r"serve.max_prompt_chars must be >= 1, got 0"),
-    ({"checkpoint": "x", "precision": "fp16"}, r"serve.precision must be fp32 or bf16, got 'fp16'"),
+    ({"checkpoint": "x", "precision": "fp16"}, r"serve.precision must be fp32, bf16 or int8, got 'fp16'"),
     ({}, r"checkpoint"),
     # inf: the watcher thread died (OverflowError) and a lone request waited for a full batch
     ({"checkpoint": "x", "watch_interval_s": "inf"},

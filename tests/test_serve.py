@@ -300,6 +300,31 @@ def test_a_client_that_goes_away_stops_its_rows(serve_base, run_dir):
     serve.delete("gone")
 
 
+def test_an_int8_replica_serves_the_offline_int8_texts(serve_base, run_dir):
+    """`precision: int8` (a C kernel built at load, `charrnn/native.py`): a batch of prompts
+    gives the texts the offline path gives with the same seeds."""
+    from ray import serve
+
+    from charrnn import native
+    from charrnn.generate import Generator
+    from charrnn.sampling import SampleParams
+    from charrnn.serve import CharRNNServer
+    if native.compiler() is None:
+        pytest.skip("no C compiler to build the int8 kernel")
+    app = CharRNNServer.options(ray_actor_options={"num_cpus": 0.5}).bind(
+        {"checkpoint": str(run_dir), "watch_interval_s": 0, "precision": "int8"})
+    serve.run(app, name="int8", route_prefix="/int8", blocking=False)
+    base = serve_base + "/int8"
+    wait_for(lambda: _ok(base + "/healthz"), 120, "the int8 app")
+    prompts = ["the queen", "alice", "she said"]
+    r = post(base, prompts=prompts, max_chars=60, temperature=0.9, seed=5)
+    assert r.status_code == 200, r.text
+    offline = Generator(checkpoint.load(str(run_dir)), "cpu", "int8")
+    texts = list(offline.complete(prompts, SampleParams(60, temperature=0.9, seed=5)))
+    assert r.json()["completions"] == texts
+    serve.delete("int8")
+
+
 def test_a_full_queue_is_shed_with_503_and_retry_after(serve_base, run_dir):
     """Past `max_ongoing_requests` per replica and `max_queued_requests` waiting, Serve answers
     503 with Retry-After at once (the shipped app: 256 and 512) instead of queueing without end;
