@@ -54,7 +54,15 @@ def step_timings(model, vocab_size: int, rows: int, dtype: torch.dtype) -> dict:
     drawn = torch.zeros(rows, dtype=torch.long)
     draw = getattr(st, "draw", sample_next)  # as generate.py draws: int8 has its own
     parts = {"step": lambda: st(ids, state), "draw": lambda: draw(last, rc, drawn)}
-    if dtype == torch.int8:  # int32 sums into a reused buffer, as the step does
+    if dtype == torch.int8 and st.amx:  # the step's own AMX GEMMs, on its padded scratch
+        sc = st._scratch(rows)
+        for name, x, w, out in [("gemm_layer0", sc.x0, st.packed[0], sc.acc),
+                                *((f"gemm_layer{i}", sc.xh, st.packed[i], sc.acc) for i in range(1, L)),
+                                ("gemm_head", sc.x0, st.packed[L], sc.head_acc)]:
+            parts[name] = (lambda x=x, w=w, out=out: st.lib.amx_gemm(
+                x.shape[0], out.shape[1], x.shape[1], x.data_ptr(), w.data_ptr(), out.data_ptr()))
+        return parts
+    if dtype == torch.int8:  # torch._int_mm into a reused buffer, as the step does without AMX
         acc = torch.empty(rows, 4 * H, dtype=torch.int32)
         head = torch.empty(rows, last.shape[1], dtype=torch.int32)
         parts["gemm_layer0"] = lambda: torch._int_mm(h[0], st.w[0], out=acc)
