@@ -132,10 +132,12 @@ class Int8Stepper:
         (top-k, top-p); its softmax, cumsum and search were a fifth of an int8 step's time."""
         if rc.filtered:
             return sample_next(last, rc, steps)
-        last, steps, u = last.float().contiguous(), steps.contiguous(), rc.uniforms.contiguous()
+        # As the kernel reads them (held here while it runs): float32, bool bytes, int64 counters
+        last, u, temp = (x.float().contiguous() for x in (last, rc.uniforms, rc.temp))
+        greedy, steps = rc.greedy.bool().contiguous(), steps.to(torch.int64).contiguous()
         out = torch.empty(last.shape[0], dtype=torch.int64)
-        self.lib.sample_rows(last.shape[0], last.shape[1], last.data_ptr(), rc.temp.data_ptr(),
-                             rc.greedy.data_ptr(), u.data_ptr(), u.shape[1], steps.data_ptr(),
+        self.lib.sample_rows(last.shape[0], last.shape[1], last.data_ptr(), temp.data_ptr(),
+                             greedy.data_ptr(), u.data_ptr(), u.shape[1], steps.data_ptr(),
                              out.data_ptr())
         return out
 
