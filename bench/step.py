@@ -27,15 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from argtypes import at_least, load_checkpoint  # bench/, first on sys.path when a script runs
-from generation import generate_window_rerun
+from generation import generate_window_rerun, precisions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn.sampling import RowControls, SampleParams, sample_next  # noqa: E402
+from charrnn.sampling import RowControls, SampleParams  # noqa: E402
 from charrnn.stepper import make_stepper  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # int8: CPU
 
 
 def step_timings(model, vocab_size: int, rows: int, dtype: torch.dtype) -> dict:
@@ -52,8 +50,7 @@ def step_timings(model, vocab_size: int, rows: int, dtype: torch.dtype) -> dict:
     last, _ = st(ids, state)  # (rows, V)
     rc = RowControls([SampleParams(1000, temperature=0.8, seed=i) for i in range(rows)], "cpu")
     drawn = torch.zeros(rows, dtype=torch.long)
-    draw = getattr(st, "draw", sample_next)  # as generate.py draws: int8 has its own
-    parts = {"step": lambda: st(ids, state), "draw": lambda: draw(last, rc, drawn)}
+    parts = {"step": lambda: st(ids, state), "draw": lambda: st.draw(last, rc, drawn)}
     if dtype == torch.int8 and st.amx:  # the step's own AMX GEMMs, on its padded scratch
         sc = st._scratch(rows)
         for name, x, w, out in [("gemm_layer0", sc.x0, st.packed[0], sc.acc),
@@ -110,9 +107,10 @@ def main():
     loaded = load_checkpoint(ap, args.checkpoint)
     model, vocab, window = loaded.model.eval(), loaded.vocab, loaded.config.data.seq_len
 
+    dtypes = dict(precisions("cpu"))  # int8 where a C compiler builds its kernel
     with torch.inference_mode():
         timings = {}
-        for dname, dtype in DTYPES.items():
+        for dname, dtype in dtypes.items():
             for rows in dict.fromkeys((args.rows, 1)):
                 for part, fn in step_timings(model, len(vocab), rows, dtype).items():
                     timings[(dname, rows, part)] = fn
@@ -126,7 +124,7 @@ def main():
     result = {"checkpoint": args.checkpoint, "rows": args.rows, "threads": torch.get_num_threads(),
               "tutorial_chars_per_s": round(tutorial, 1)}
     rate = {}  # (precision, rows) -> characters/s of the step and the draw
-    for dname in DTYPES:
+    for dname in dtypes:
         for rows in dict.fromkeys((args.rows, 1)):
             part = {k[2]: v for k, v in us.items() if k[:2] == (dname, rows)}
             gemms = sum(v for k, v in part.items() if k.startswith("gemm"))
@@ -138,7 +136,7 @@ def main():
                 "chars_per_s": round(rate[dname, rows]),
                 "ratio_to_tutorial": round(rate[dname, rows] / tutorial, 1),
                 "gemms_alone_ceiling_ratio": round(rows / gemms * 1e6 / tutorial, 1)}
-    for dname in DTYPES:  # what batching a step gains per row, the bound on Serve's engine gain
+    for dname in dtypes:  # what batching a step gains per row, the bound on Serve's engine gain
         if args.rows > 1:
             result[f"{dname}_batching_gain"] = round(rate[dname, args.rows] / rate[dname, 1], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import torch
 
 from charrnn.generate import prefill_calls
 from charrnn.model import CharRNN
-from charrnn.sampling import RowControls, SampleParams, sample_next
+from charrnn.sampling import RowControls, SampleParams
 from charrnn.stepper import make_stepper
 from charrnn.vocab import Vocab
 
@@ -85,7 +85,6 @@ class Engine:
     def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
         self.model, self.vocab, self.device = model, vocab, torch.device(device)
         self.stepper = make_stepper(model, dtype)
-        self.draw = getattr(self.stepper, "draw", sample_next)  # the int8 step's own, else torch's
         self._lock = threading.Lock()
         self._pending: list = []
         self._thread: threading.Thread | None = None
@@ -227,7 +226,7 @@ class _Batch:
         self.chunk = min((g.chunk_steps for g, _ in self.rows if g.chunk_steps), default=None)
 
     def step(self) -> None:
-        ids = self.e.draw(self.last, self.rc, self.done)  # (B,)
+        ids = self.e.stepper.draw(self.last, self.rc, self.done)  # (B,)
         self.buffer.append(ids)
         self.done += 1
         ended = self.done >= self.total  # (B,) bool

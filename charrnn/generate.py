@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from charrnn.model import CharRNN
-from charrnn.sampling import RowControls, SampleParams, sample_next
+from charrnn.sampling import RowControls, SampleParams
 from charrnn.stepper import make_stepper
 from charrnn.vocab import Vocab
 
@@ -68,7 +68,7 @@ def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
             x = torch.zeros(len(rows), int(n.max()), dtype=torch.long)
             for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
                 x[r, :k] = ids[b][start: start + k]
-            if getattr(stepper, "steps_prompts", False):
+            if stepper is not None and stepper.steps_prompts:
                 logits, part = step_prompts(stepper, x, _rows(state, rows), n)
             else:
                 logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
@@ -151,13 +151,12 @@ def sample_ids(
     rc = RowControls(params, device)
     steps = max(p.max_new_chars for p in params)
     step_fn = make_stepper(model, dtype)
-    draw = getattr(step_fn, "draw", sample_next)  # the int8 step's own, else the torch ops
     with torch.inference_mode():
         last, state = prefill(model, vocab, prompts, device, step_fn)
         state = step_fn.state_in(state)
         t = torch.zeros(B, dtype=torch.long, device=device)
         for step in range(steps):
-            ids = draw(last, rc, t)
+            ids = step_fn.draw(last, rc, t)
             yield ids
             if step + 1 < steps:
                 last, state = step_fn(ids, state)  # one step

@@ -160,12 +160,12 @@ class Int8Stepper:
                 s.args = native.StepArgs(
                     M=rows, H=H, L=L, ub=self.ub, V=self.V, K0=s.x0.shape[1], K1=s.xh.shape[1],
                     N=s.acc.shape[1], NV=s.head_acc.shape[1], n_ids=self.table.shape[0],
-                    w=_address(self._ptrs[0]), scale=_address(self._ptrs[1]),
-                    base=_address(self._ptrs[2]), head_bias=self.head_b.data_ptr(),
+                    w=ctypes.addressof(self._ptrs[0]), scale=ctypes.addressof(self._ptrs[1]),
+                    base=ctypes.addressof(self._ptrs[2]), head_bias=self.head_b.data_ptr(),
                     x0=s.x0.data_ptr(), xh=s.xh.data_ptr(), acc=s.acc.data_ptr(),
-                    head_acc=s.head_acc.data_ptr(), h_in=_address(s.states[0]),
-                    c_in=_address(s.states[1]), h_out=_address(s.states[2]),
-                    c_out=_address(s.states[3]))
+                    head_acc=s.head_acc.data_ptr(), h_in=ctypes.addressof(s.states[0]),
+                    c_in=ctypes.addressof(s.states[1]), h_out=ctypes.addressof(s.states[2]),
+                    c_out=ctypes.addressof(s.states[3]))
         return per[rows]
 
     def _step_amx(self, s, B, ids, hs, cs, new_h, new_c, logits) -> int:
@@ -203,7 +203,3 @@ class Int8Stepper:
 
 def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-
-
-def _address(array: ctypes.Array) -> int:
-    return ctypes.addressof(array)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from charrnn.model import CharRNN
+from charrnn.sampling import sample_next
 
 
 def make_stepper(model: CharRNN, dtype: torch.dtype = torch.float32):
@@ -34,6 +35,9 @@ class Stepper:
     `dtype=torch.bfloat16` uses the CPU's or GPU's bf16 matrix units. GRUs step through the
     module. State: per-layer lists of h and c, each (B, H), in `dtype`.
     """
+
+    draw = staticmethod(sample_next)  # next ids from the logits (the int8 step has its own)
+    steps_prompts = False  # prompts go through the model's packed nn.LSTM call, not this step
 
     def __init__(self, model: CharRNN, dtype: torch.dtype = torch.float32):
         self.model, self.dtype = model, dtype

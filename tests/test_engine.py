@@ -259,6 +259,7 @@ def test_a_loop_stuck_in_a_step_shows_in_stalled_s_and_fails_the_health_check(mo
 
     class Stuck:
         fused, state_in = stepper.fused, stepper.state_in
+        draw, steps_prompts = staticmethod(stepper.draw), stepper.steps_prompts
 
         def __call__(self, ids, state):
             release.wait(30)
