@@ -61,6 +61,8 @@ bench: install
 	$(BIN)/python bench/data_pipeline.py --corpus $(CORPUS)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/serve_load.py --run $(QUALITY_RUN)
+	$(BIN)/python bench/serve_load.py --run $(QUALITY_RUN) --precision int8 --direct-ingress \
+		--throughput-optimized
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,17 +10,21 @@
   nothing, GET /healthz and 1-character completions. Their time is HTTP + Serve overhead, so
   sequential time / floor time bounds the gain that any engine could reach here;
 - reliability: 0 failed requests out of 2,000 at 32 concurrent clients, while the winner
-  manifest moves to another checkpoint mid-run (hot swap);
+  manifest moves to another checkpoint mid-run (hot swap): the answers per serving checkpoint
+  show that the swap landed while requests were running;
 - a flood: `--flood` requests (2,000) at once against the one replica, more than it takes
   (`max_ongoing_requests` 256) plus its queue (`max_queued_requests` 512): how many are shed
   (503 + Retry-After), how fast a refusal comes back, and the latency of those served.
 
 `--direct-ingress` runs the same against Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS,
-Ray 2.60): the clients talk to the replica's own HTTP server on 127.0.0.1, without the proxy hop
-and the proxy round trip that fetches each request body; that shows how much of the floor the
-proxy is.
+Ray 2.60; README, "Direct ingress"): the clients talk to the replica's own HTTP server on
+127.0.0.1, without the proxy hop and the proxy round trip that fetches each request body.
 
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python bench/serve_load.py --run runs/demo [--direct-ingress]
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python bench/serve_load.py --run runs/demo \
+        [--precision int8] [--direct-ingress]
+
+Results go to bench/results/serve_load[_PRECISION][_direct][_throughput].json (fp32: no
+precision suffix).
 """
 
 import argparse
@@ -31,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -43,6 +48,25 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from charrnn.config import ServeConfig  # noqa: E402
+
+
+def serve_cpu_s() -> dict:
+    """CPU seconds used so far by Serve's processes on this machine, by kind (the HTTP proxy,
+    the replicas) and by this process (the client)."""
+    import psutil
+    out = {"proxy": 0.0, "replica": 0.0, "client": 0.0}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        kind = ("client" if p.info["pid"] == os.getpid() else "proxy" if
+                cmd.startswith("ray::ProxyActor") else "replica" if
+                cmd.startswith("ray::ServeReplica") else None)
+        if kind:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            out[kind] += t.user + t.system
+    return out
 
 
 def pct(xs, q):
@@ -140,13 +164,17 @@ async def load(url: str, run: Path, args) -> dict:
         # the round with the median gain (one at a time and concurrent timed back to back)
         seq_s, seq, con_s, con = sorted(rounds, key=lambda r: r[0] / r[2])[len(rounds) // 2]
         healthz_s = min([(await burst(healthz))[0] for _ in range(3)])
+        cpu = serve_cpu_s()
         one_char_s = min([(await burst(lambda i: one(i, 1)))[0] for _ in range(3)])
+        # CPU per request that asks the model (almost) nothing: what HTTP and Serve cost
+        cpu = {k: round(1000 * (v - cpu[k]) / (3 * args.clients), 2)
+               for k, v in serve_cpu_s().items()}
         async with session.get(url + "/stats") as r:
             batch_sizes = (await r.json())["batch_sizes"]
         total_chars = args.clients * args.chars
         result = {
             "clients": args.clients, "chars": args.chars, "precision": args.precision,
-            "direct_ingress": args.direct_ingress,
+            "direct_ingress": args.direct_ingress, "throughput_optimized": args.throughput_optimized,
             "batch_wait_timeout_s": args.batch_wait, "threads": args.threads,
             "sequential_chars_per_s": round(total_chars / seq_s),
             "concurrent_chars_per_s": round(total_chars / con_s),
@@ -160,8 +188,9 @@ async def load(url: str, run: Path, args) -> dict:
             "floor_concurrent_healthz_s": round(healthz_s, 3),
             "floor_concurrent_1_char_s": round(one_char_s, 3),
             "gain_bound_from_floor": round(seq_s / one_char_s, 1),
+            "floor_cpu_ms_per_request": cpu,
         }
-        result.update(await reliability(session, url, run, args, one))
+        result.update(await reliability(session, url, run, args))
     if args.flood:
         result.update(await flood(url, args))
     return result
@@ -200,9 +229,10 @@ async def flood(url: str, args) -> dict:
     }
 
 
-async def reliability(session, url: str, run: Path, args, one) -> dict:
+async def reliability(session, url: str, run: Path, args) -> dict:
     """`args.total` requests, `args.concurrency` at a time; half-way, winner.json is pointed at
-    another kept checkpoint, so the replica hot-swaps while requests are in flight."""
+    another kept checkpoint, so the replica hot-swaps while requests are in flight. Each answer
+    names the checkpoint that served it: both must appear, or the swap did not land mid-run."""
     manifest = json.loads((run / "winner.json").read_text())
     other = sorted(p.name for p in run.glob("checkpoint_*") if p.name != manifest["checkpoint"])[0]
     async with session.get(url + "/model") as r:
@@ -213,24 +243,31 @@ async def reliability(session, url: str, run: Path, args, one) -> dict:
         async with gate:
             if i == args.total // 2:
                 (run / "winner.json").write_text(json.dumps({**manifest, "checkpoint": other}))
+            t = time.perf_counter()
             try:
-                return await one(i, 50)
+                async with session.post(url + "/generate", json={
+                        "prompt": "alice ", "max_chars": 50, "seed": i, "temperature": 0.8}) as r:
+                    served = (await r.json())["model"]["checkpoint"] if r.status == 200 else None
+                    return r.status, time.perf_counter() - t, served
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                return -1, 0.0
+                return -1, 0.0, None
 
     t = time.perf_counter()
     out = await asyncio.gather(*(rel(i) for i in range(args.total)))
     seconds = time.perf_counter() - t
     async with session.get(url + "/model") as r:
         after = (await r.json())["checkpoint"]
-    latencies = [d for _, d in out]
+    latencies = [d for _, d, _ in out]
+    served = Counter(Path(c).name for _, _, c in out if c)
     return {
         "reliability_requests": args.total, "reliability_concurrency": args.concurrency,
-        "failed": sum(1 for code, _ in out if code != 200),
+        "failed": sum(1 for code, _, _ in out if code != 200),
         "reliability_seconds": round(seconds, 1),
         "reliability_p50_s": round(pct(latencies, 0.5), 3),
         "reliability_p99_s": round(pct(latencies, 0.99), 3),
         "hot_swap": f"{Path(before).name} -> {Path(after).name}",
+        "served_by": dict(served),  # answers per checkpoint: both, when the swap lands mid-run
+        "swapped_mid_run": len(served) == 2 and Path(after).name in served,
     }
 
 
@@ -251,10 +288,16 @@ def main():
     ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads in the replica")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="clients talk to the replica's own HTTP server (no proxy)")
-    ap.add_argument("--out", help="result JSON (default bench/results/serve_load[_direct].json)")
+    ap.add_argument("--throughput-optimized", action="store_true",
+                    help="with --direct-ingress: Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED switch too")
+    ap.add_argument("--out", help="result JSON (default bench/results/serve_load[_PRECISION][_direct]"
+                    "[_throughput].json)")
     args = ap.parse_args()
-    args.out = args.out or str(ROOT / "bench/results" /
-                               f"serve_load{'_direct' if args.direct_ingress else ''}.json")
+    if args.throughput_optimized and not args.direct_ingress:
+        ap.error("--throughput-optimized goes with --direct-ingress (it turns direct ingress on)")
+    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + (
+        "_direct" if args.direct_ingress else "") + ("_throughput" if args.throughput_optimized else "")
+    args.out = args.out or str(ROOT / "bench/results" / f"serve_load{suffix}.json")
     # A copy of the run: the hot swap rewrites its winner.json; removed at the end.
     with tempfile.TemporaryDirectory(prefix="charrnn-serve-") as tmp:
         run = Path(tmp) / "run"
@@ -263,10 +306,14 @@ def main():
         from tests.services import free_port, wait_for
         if args.direct_ingress:  # read by Serve's processes at start: set before the cluster starts
             replica_port = free_port()
+            if args.throughput_optimized:
+                os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
             os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(replica_port),
                                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(replica_port + 1)})
-        app = {"checkpoint": str(run / "winner.json"), "watch_interval_s": 1,
+        # The winner is re-read every 0.2 s: the swap lands while the reliability run goes on,
+        # even when the replica answers its 2,000 requests in a second or two.
+        app = {"checkpoint": str(run / "winner.json"), "watch_interval_s": 0.2,
                "max_batch_size": 64, "batch_wait_timeout_s": args.batch_wait,
                "precision": args.precision, "threads": args.threads}
         with serve_app(app, "bench") as url:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -22,6 +23,7 @@ class Vocab:
         self.index = {c: i for i, c in enumerate(chars)}
         # ids fit in uint8 for almost every corpus; the array holding the corpus is O(N) bytes.
         self.dtype = np.uint8 if len(chars) <= 256 else np.uint16 if len(chars) <= 65536 else np.uint32
+        self._encode_tables: SimpleNamespace | None = None  # `_tables()`, built on first use
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
@@ -65,33 +67,48 @@ class Vocab:
         """text -> (N,) ids in the smallest unsigned dtype; unknown characters raise.
 
         A lookup table over code points, vectorised (a 1 GB corpus encodes in seconds). Latin-1
-        text (most corpora) is viewed at 1 byte per character, anything else as UTF-32.
+        text (most corpora) is viewed at 1 byte per character, anything else as UTF-32. The
+        tables are built once per vocabulary: a Serve replica encodes every prompt, and
+        rebuilding them took most of a 64-prompt group's encoding.
         """
-        lut = {ord(c): i for c, i in self.index.items()}
-        size = max(lut) + 1
-        if size <= 256:  # Latin-1: bytes.translate checks and maps in C, ~0.5 s per GB
+        t = self._tables()
+        if t.latin1 is not None:  # Latin-1: bytes.translate checks and maps in C, ~0.5 s per GB
             try:
                 raw = text.encode("latin-1")
             except UnicodeEncodeError:
                 raw = None
-            if raw is None or raw.translate(None, bytes(lut)):  # bytes left = unknown chars
+            if raw is None or raw.translate(None, t.known):  # bytes left = unknown chars
                 self.clean(text, "error")  # raises, listing the characters
-            table = bytearray(256)
-            for o, i in lut.items():
-                table[o] = i
-            return np.frombuffer(raw.translate(table), dtype=np.uint8)
+            return np.frombuffer(raw.translate(t.latin1), dtype=np.uint8)
         buf = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        if len(buf) and (int(buf.max()) >= size or not np.isin(
-                buf, np.fromiter(lut, dtype=np.uint32)).all()):
+        if len(buf) and (int(buf.max()) >= t.size or not np.isin(buf, t.points).all()):
             self.clean(text, "error")
-        if size > 1 << 16:  # code points beyond the BMP (emoji): the table would be 4 MB+
+        if t.table is None:  # code points beyond the BMP (emoji): the table would be 4 MB+
             # Ids are the ranks of the sorted code points, so a binary search finds them.
-            cps = np.array(sorted(lut), dtype=np.uint32)
-            return np.searchsorted(cps, buf).astype(self.dtype)
-        table = np.zeros(size, dtype=self.dtype)
-        for o, i in lut.items():
-            table[o] = i
-        return table[buf]
+            return np.searchsorted(t.points, buf).astype(self.dtype)
+        return t.table[buf]
+
+    def _tables(self) -> SimpleNamespace:
+        """`encode`'s lookup tables, built on first use: `known` (the vocabulary's bytes, for
+        bytes.translate to delete) and `latin1` (byte -> id) when every code point is below
+        256; else `points` (the sorted code points, uint32), `size` and `table` (code point ->
+        id; None beyond the BMP)."""
+        if self._encode_tables is None:
+            lut = {ord(c): i for c, i in self.index.items()}
+            size = max(lut) + 1
+            t = SimpleNamespace(size=size, latin1=None, known=None, table=None,
+                                points=np.array(sorted(lut), dtype=np.uint32))
+            if size <= 256:
+                t.known, t.latin1 = bytes(lut), bytearray(256)
+                for o, i in lut.items():
+                    t.latin1[o] = i
+                t.latin1 = bytes(t.latin1)
+            elif size <= 1 << 16:
+                t.table = np.zeros(size, dtype=self.dtype)
+                for o, i in lut.items():
+                    t.table[o] = i
+            self._encode_tables = t
+        return self._encode_tables
 
     def decode(self, ids) -> str:
         """ids (a sequence, numpy array or 1-D tensor) -> text."""

@@ -483,3 +483,67 @@ def test_serve_cli_run_and_deploy(tiny_run, tmp_path):
         finally:
             run.send_signal(2)
             run.wait(60)
+
+
+@pytest.mark.parametrize("switch", ["RAY_SERVE_ENABLE_DIRECT_INGRESS",
+                                    "RAY_SERVE_THROUGHPUT_OPTIMIZED"])
+def test_direct_ingress_serves_the_same_api_on_each_replicas_own_port(switch, tiny_run,
+                                                                      tmp_path):
+    """Serve's direct ingress (README, "Direct ingress"): with RAY_SERVE_ENABLE_DIRECT_INGRESS,
+    or Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED (direct ingress, gRPC between deployments, buffered
+    request logs, user code on the replica's main loop), set where the cluster starts, the
+    shipped `serve_config.yaml` also answers on the replica's own HTTP port, taken from the
+    configured range, without the proxy hop. Same API there: the
+    texts the proxy gives, streaming, a bad input's 422, the bearer token, /docs, the hot swap;
+    and that server listens on `http_options.host` (loopback), like every other."""
+    from tests.services import ray_head
+    storage, name, _ = tiny_run
+    run = tmp_path / name  # a copy: its winner moves below
+    shutil.copytree(storage / name, run)
+    direct = free_port()
+    extra = {switch: "1", "CHARRNN_API_TOKEN": "s3cret",
+             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),
+             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 1)}  # one replica: one port
+    serve = str(Path(sys.executable).parent / "serve")
+    with ray_head(extra_env=extra, num_cpus=2) as (env, dashboard, _):
+        port = free_port()
+        cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        cfg["http_options"]["port"] = port
+        cfg["applications"][0]["args"].update(checkpoint=str(run / "winner.json"),
+                                              watch_interval_s=0.5)
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        for _ in range(30):  # the head's agents register a few seconds after `ray start`
+            p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT,
+                               env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                               text=True, timeout=120)
+            if p.returncode == 0 or "agent" not in (p.stdout + p.stderr).lower():
+                break
+            time.sleep(2)
+        assert p.returncode == 0, p.stderr
+        proxy, replica = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct}"
+        wait_for(lambda: _ok(replica + "/healthz"), 180, "the replica's own port")
+        auth = {"Authorization": "Bearer s3cret"}
+        body = {"prompts": ["alice", "the queen"], "max_chars": 40, "temperature": 0.8, "seed": 3}
+        assert requests.post(replica + "/generate", json=body, timeout=60).status_code == 401
+        got = requests.post(replica + "/generate", json=body, headers=auth, timeout=60)
+        assert got.status_code == 200, got.text
+        via_proxy = requests.post(proxy + "/generate", json=body, headers=auth, timeout=60)
+        assert got.json() == via_proxy.json()
+        one = {"prompt": "alice", "max_chars": 40, "temperature": 0.8, "seed": 3}
+        with requests.post(replica + "/generate/stream", json=one, headers=auth, stream=True,
+                           timeout=60) as r:
+            streamed = "".join(r.iter_content(chunk_size=None, decode_unicode=True))
+        assert streamed == got.json()["completions"][0]
+        bad = requests.post(replica + "/generate", json={"prompt": "a", "temperature": 0},
+                            headers=auth, timeout=60)
+        assert bad.status_code == 422 and "temperature" in bad.json()["error"]
+        assert requests.get(replica + "/docs", timeout=10).status_code == 200
+        model = requests.get(replica + "/model", timeout=10).json()
+        assert model["checkpoint"].endswith("checkpoint_00000254")
+        other = sorted(p.name for p in run.glob("checkpoint_*") if p.name not in model["checkpoint"])
+        manifest = json.loads((run / "winner.json").read_text())
+        (run / "winner.json").write_text(json.dumps({**manifest, "checkpoint": other[0]}))
+        wait_for(lambda: requests.get(replica + "/model", timeout=10).json()["checkpoint"].endswith(
+            other[0]), 60, "the hot swap")
+        assert not ray_listeners_off_loopback()

@@ -1,4 +1,5 @@
 import hashlib
+import pickle
 
 import numpy as np
 import pytest
@@ -15,6 +16,12 @@ def test_vocab_round_trip_and_dtype():
     ids = v.encode("hello")
     assert ids.dtype == np.uint8 and v.decode(ids) == "hello"
     assert Vocab.from_dict(v.to_dict()) == v
+    # encode's tables are built once (a replica encodes every prompt), and still check each text
+    tables = v._tables()
+    assert v._tables() is tables and v.encode("world").tolist() == [v.index[c] for c in "world"]
+    with pytest.raises(VocabError, match="vocabulary: 'x'"):
+        v.encode("hex")
+    assert pickle.loads(pickle.dumps(v)).encode("hello").tolist() == ids.tolist()
 
 
 @pytest.mark.parametrize("text, dtype", [
