@@ -49,7 +49,7 @@ test: install
 lint: install
 	$(BIN)/ruff check charrnn jobs tests bench
 
-# Every target's bench, one after another (11 minutes on the 2-core machine): the quality run's
+# Every target's bench, one after another (about 12 minutes on the 2-core machine): the quality run's
 # checkpoints then serve the generation and Serve benches. Figures: BENCHMARKS.md.
 QUALITY_RUN = $$($(BIN)/python -c 'import json; print(json.load(open("bench/results/train_quality.json"))["run"])')/quality
 bench: install
