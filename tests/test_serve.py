@@ -443,6 +443,24 @@ def test_a_relative_checkpoint_path_reaches_replicas_absolute(tiny_run, monkeypa
     assert args["checkpoint"] == str(storage / name / "winner.json")
 
 
+def _deploy_shipped_config(env: dict, dashboard: str, tmp_path: Path, port: int, **args) -> None:
+    """`serve deploy` of the shipped `serve_config.yaml` to a `ray_head` cluster, with its HTTP
+    port and some builder args replaced."""
+    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"].update(args)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    serve = str(Path(sys.executable).parent / "serve")
+    for _ in range(30):  # the head's agents register a few seconds after `ray start`
+        p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode == 0 or "agent" not in (p.stdout + p.stderr).lower():
+            break
+        time.sleep(2)
+    assert p.returncode == 0, p.stderr
+
+
 def test_serve_cli_run_and_deploy(tiny_run, tmp_path):
     """`serve deploy serve_config.yaml` and `serve run charrnn.serve:build_app checkpoint=URI`
     against a `ray start --head` cluster with token auth."""
@@ -453,18 +471,7 @@ def test_serve_cli_run_and_deploy(tiny_run, tmp_path):
     with ray_head(num_cpus=2) as (env, dashboard, gcs):
         env = {**env, "PYTHONPATH": str(ROOT)}
         port = free_port()
-        cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        cfg["http_options"]["port"] = port
-        cfg["applications"][0]["args"]["checkpoint"] = winner
-        path = tmp_path / "serve.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        for _ in range(30):  # the head's agents register a few seconds after `ray start`
-            p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=120)
-            if p.returncode == 0 or "agent" not in (p.stdout + p.stderr).lower():
-                break
-            time.sleep(2)
-        assert p.returncode == 0, p.stderr
+        _deploy_shipped_config(env, dashboard, tmp_path, port, checkpoint=winner)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _ok(url + "/healthz"), 180, "serve deploy")
         assert requests.get(url + "/model").json()["checkpoint"].endswith("checkpoint_00000254")
@@ -504,23 +511,10 @@ def test_direct_ingress_serves_the_same_api_on_each_replicas_own_port(switch, ti
     extra = {switch: "1", "CHARRNN_API_TOKEN": "s3cret",
              "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),
              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 1)}  # one replica: one port
-    serve = str(Path(sys.executable).parent / "serve")
     with ray_head(extra_env=extra, num_cpus=2) as (env, dashboard, _):
         port = free_port()
-        cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        cfg["http_options"]["port"] = port
-        cfg["applications"][0]["args"].update(checkpoint=str(run / "winner.json"),
-                                              watch_interval_s=0.5)
-        path = tmp_path / "serve.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        for _ in range(30):  # the head's agents register a few seconds after `ray start`
-            p = subprocess.run([serve, "deploy", str(path), "-a", dashboard], cwd=ROOT,
-                               env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                               text=True, timeout=120)
-            if p.returncode == 0 or "agent" not in (p.stdout + p.stderr).lower():
-                break
-            time.sleep(2)
-        assert p.returncode == 0, p.stderr
+        _deploy_shipped_config({**env, "PYTHONPATH": str(ROOT)}, dashboard, tmp_path, port,
+                               checkpoint=str(run / "winner.json"), watch_interval_s=0.5)
         proxy, replica = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct}"
         wait_for(lambda: _ok(replica + "/healthz"), 180, "the replica's own port")
         auth = {"Authorization": "Bearer s3cret"}
@@ -541,7 +535,7 @@ def test_direct_ingress_serves_the_same_api_on_each_replicas_own_port(switch, ti
         assert requests.get(replica + "/docs", timeout=10).status_code == 200
         model = requests.get(replica + "/model", timeout=10).json()
         assert model["checkpoint"].endswith("checkpoint_00000254")
-        other = sorted(p.name for p in run.glob("checkpoint_*") if p.name not in model["checkpoint"])
+        other = sorted(c.name for c in run.glob("checkpoint_*") if c.name not in model["checkpoint"])
         manifest = json.loads((run / "winner.json").read_text())
         (run / "winner.json").write_text(json.dumps({**manifest, "checkpoint": other[0]}))
         wait_for(lambda: requests.get(replica + "/model", timeout=10).json()["checkpoint"].endswith(
