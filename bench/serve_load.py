@@ -88,7 +88,7 @@ def engine_gain(uri, args) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)  # a replica with num_cpus=1 runs one thread
     gen = Generator(checkpoint.load(str(uri)), precision=args.precision)
-    engine = Engine(gen.model, gen.vocab, dtype=gen.dtype)
+    engine = Engine(gen.model, gen.vocab, dtype=gen.dtype, stepper=gen.stepper)
 
     def run(rows):
         done = threading.Event()

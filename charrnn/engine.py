@@ -82,9 +82,11 @@ class Engine:
     # and at most one prefill call (PREFILL_POSITIONS characters): under 0.2 s here.
     stall_limit_s: float = 300.0
 
-    def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32):
+    def __init__(self, model: CharRNN, vocab: Vocab, device="cpu", dtype=torch.float32,
+                 stepper=None):
+        """`stepper`: one already built for `model` (a `Generator`'s), else one for `dtype`."""
         self.model, self.vocab, self.device = model, vocab, torch.device(device)
-        self.stepper = make_stepper(model, dtype)
+        self.stepper = stepper if stepper is not None else make_stepper(model, dtype)
         self._lock = threading.Lock()
         self._pending: list = []
         self._thread: threading.Thread | None = None

@@ -69,7 +69,13 @@ def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
             for r, (b, k) in enumerate(zip(rows.tolist(), n.tolist())):
                 x[r, :k] = ids[b][start: start + k]
             if stepper is not None and stepper.steps_prompts:
-                logits, part = step_prompts(stepper, x, _rows(state, rows), n)
+                if state is None:  # nn.LSTM's start: zeros (L, R, H)
+                    c = model.config
+                    zeros = torch.zeros(c.num_layers, len(rows), c.hidden_size)
+                    start = (zeros, zeros)
+                else:
+                    start = _rows(state, rows)
+                logits, part = step_prompts(stepper, x, start, n)
             else:
                 logits, part = model(x.to(device), _rows(state, rows), lengths=n, last_only=True)
             if state is None:  # the first group: room for every row (zeros: nn.LSTM's start)
@@ -82,7 +88,7 @@ def prefill_calls(model: CharRNN, vocab: Vocab, prompts: Sequence[str], device,
 
 def step_prompts(stepper, x: torch.Tensor, state, lengths: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """One prefill call through `stepper`, a position at a time: x (R, T) ids, row r fed its
-    first lengths[r] of them, from `state` (nn.LSTM's format; None: zeros) -> the logits after
+    first lengths[r] of them, from `state` (nn.LSTM's format, (L, R, H) each) -> the logits after
     each row's last id (R, 1, V) and the state after it (nn.LSTM's format), as the model's call.
 
     Rows go longest first, so the rows still feeding at position t are a prefix of the batch,
@@ -90,9 +96,6 @@ def step_prompts(stepper, x: torch.Tensor, state, lengths: torch.Tensor) -> tupl
     R, T = x.shape
     order = torch.argsort(lengths, descending=True, stable=True)
     x, n = x[order], lengths[order]
-    if state is None:
-        zeros = torch.zeros(len(stepper.w), R, stepper.H)
-        state = (zeros, zeros)
     h, c = stepper.state_in(_rows(state, order))  # per-layer (R, H); written below in place
     feeding = (n[None, :] > torch.arange(T)[:, None]).sum(1).tolist()  # rows still feeding, per t
     last = None
@@ -136,9 +139,11 @@ def sample_ids(
     params: Sequence[SampleParams],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    stepper=None,
 ) -> Iterator[torch.Tensor]:
     """Yield, per step, the new ids of every row (B,); rows shorter than the longest keep
-    stepping (their extra ids are ignored by the callers).
+    stepping (their extra ids are ignored by the callers). `stepper`: one already built for
+    `model` (`make_stepper`; its precision, not `dtype`, is used), else one is built here.
 
     Prompts must already be in the vocabulary (see `Vocab.clean`).
     """
@@ -150,7 +155,7 @@ def sample_ids(
     device = torch.device(device)
     rc = RowControls(params, device)
     steps = max(p.max_new_chars for p in params)
-    step_fn = make_stepper(model, dtype)
+    step_fn = stepper if stepper is not None else make_stepper(model, dtype)
     with torch.inference_mode():
         last, state = prefill(model, vocab, prompts, device, step_fn)
         state = step_fn.state_in(state)
@@ -171,9 +176,11 @@ def generate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int], None] | None = None,
+    stepper=None,
 ) -> list[str]:
     """Completions (without their prompts) for a batch of prompts. `progress(steps, total)` is
-    called every CHUNK_STEPS steps (characters per prompt) when given."""
+    called every CHUNK_STEPS steps (characters per prompt) when given; `stepper` as in
+    `sample_ids`."""
     if isinstance(params, SampleParams):
         params = [params] * len(prompts)
     # Steps are packed every CHUNK_STEPS into (B, CHUNK_STEPS) arrays of the vocabulary's dtype:
@@ -185,7 +192,8 @@ def generate(
         pending.clear()
 
     total = max([0] + [p.max_new_chars for p in params])
-    for step, ids in enumerate(sample_ids(model, vocab, prompts, params, device, dtype), 1):
+    for step, ids in enumerate(sample_ids(model, vocab, prompts, params, device, dtype,
+                                                  stepper), 1):
         pending.append(ids)
         if len(pending) == CHUNK_STEPS:
             pack()
@@ -238,8 +246,9 @@ class Generator:
         self.vocab = loaded.vocab
         self.device = device
         self.dtype = self.PRECISIONS[precision]  # of the per-character steps (bf16, int8: faster)
-        if self.dtype == torch.int8:  # a GRU, a GPU or no C compiler: one error now, not later
-            make_stepper(self.model, self.dtype)
+        # Built once (int8: quantised and packed) for every `complete` call and Serve's engine;
+        # a GRU, a GPU or no C compiler for int8 is one error now, not later.
+        self.stepper = make_stepper(self.model, self.dtype)
 
     def prepare(self, prompts: Sequence[str], oov: str = "error") -> list[str]:
         from charrnn.corpus import normalize_prompt
@@ -270,7 +279,8 @@ class Generator:
             def step_progress(steps: int, total: int, a=a, b=b) -> None:
                 progress(a, b - a, steps, total)
             texts = generate(self.model, self.vocab, clean[a:b], rows[a:b], self.device,
-                             dtype=self.dtype, progress=step_progress if progress else None)
+                             dtype=self.dtype, progress=step_progress if progress else None,
+                             stepper=self.stepper)
             if progress is not None:
                 progress(b, 0, 0, params.max_new_chars)
             yield from texts

@@ -116,7 +116,7 @@ class CharRNNServer:
     def _load(self, uri: str) -> Generator:
         loaded = checkpoint.load(uri, self.device)
         g = Generator(loaded, self.device, self.cfg.precision)
-        g.engine = Engine(g.model, g.vocab, self.device, g.dtype)
+        g.engine = Engine(g.model, g.vocab, self.device, g.dtype, g.stepper)
         m = loaded.meta
         g.info = {"run": m.get("run"), "checkpoint": loaded.uri, "step": m.get("step"),
                   "val_loss": (m.get("metrics") or {}).get("val_loss"), "loaded_at": time.time()}
