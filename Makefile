@@ -62,7 +62,7 @@ bench: install
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/serve_load.py --run $(QUALITY_RUN)
 	$(BIN)/python bench/serve_load.py --run $(QUALITY_RUN) --precision int8 --direct-ingress \
-		--throughput-optimized
+		--throughput-optimized --threads 2
 
 clean:
 	rm -rf runs .pytest_cache

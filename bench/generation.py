@@ -28,7 +28,7 @@ from argtypes import at_least, load_checkpoint  # bench/, first on sys.path when
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn.generate import generate, pick_device  # noqa: E402
+from charrnn.generate import cpu_threads, generate, pick_device  # noqa: E402
 from charrnn.model import CharRNN, ModelConfig  # noqa: E402
 from charrnn.sampling import SampleParams  # noqa: E402
 from charrnn.stepper import make_stepper  # noqa: E402
@@ -116,15 +116,19 @@ def main():
               "and of having nothing to do")[:window]
     prompts = [prompt[: window - (i % 7)] for i in range(args.prompts)]  # mixed lengths
 
-    rates = {}
+    rates, threads = {}, torch.get_num_threads()
     for name, dtype in precisions(device):
-        generate(model, vocab, prompts[:2], SampleParams(20, seed=1), device, dtype)  # warm-up
+        # Threads as jobs/generate.py sets them (int8: the kernel's own, torch's kept to one);
+        # the step is built (int8: quantised, packed) before the timing, as a Generator does.
+        step = make_stepper(model, dtype, cpu_threads(name, threads))
+        generate(model, vocab, prompts[:2], SampleParams(20, seed=1), device, dtype, stepper=step)
         t = time.perf_counter()  # generate returns text: its device work is done when it returns
         out = generate(model, vocab, prompts, SampleParams(args.chars, temperature=0.8, seed=1),
-                       device, dtype)
+                       device, dtype, stepper=step)
         secs = time.perf_counter() - t
         rates[name] = (secs, args.prompts * args.chars / secs)
         assert all(len(o) == args.chars for o in out)
+    torch.set_num_threads(threads)
 
     generate_window_rerun(model, vocab, prompt, 5, window, device)  # warm-up
     t = time.perf_counter()  # each character's argmax is read on the host: no sync needed

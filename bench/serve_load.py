@@ -83,11 +83,12 @@ def engine_gain(uri, args) -> dict:
 
     from charrnn import checkpoint
     from charrnn.engine import DONE, Engine
-    from charrnn.generate import Generator
+    from charrnn.generate import Generator, cpu_threads
     from charrnn.sampling import SampleParams
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or 1)  # a replica with num_cpus=1 runs one thread
-    gen = Generator(checkpoint.load(str(uri)), precision=args.precision)
+    # as the replica sets them (a replica with num_cpus=1 runs one thread)
+    gen = Generator(checkpoint.load(str(uri)), precision=args.precision,
+                    threads=cpu_threads(args.precision, args.threads or 1))
     engine = Engine(gen.model, gen.vocab, dtype=gen.dtype, stepper=gen.stepper)
 
     def run(rows):
@@ -285,7 +286,8 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--batch-wait", type=non_negative, default=ServeConfig.batch_wait_timeout_s,
                     help="batch_wait_timeout_s (default: the ServeConfig default)")
-    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads in the replica")
+    ap.add_argument("--threads", type=at_least(0), default=0,
+                    help="CPU threads in the replica (ServeConfig.threads)")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="clients talk to the replica's own HTTP server (no proxy)")
     ap.add_argument("--throughput-optimized", action="store_true",

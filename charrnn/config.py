@@ -284,7 +284,9 @@ class ServeConfig:
     row's matmul kernel and the packed prefill make) or `int8` (CPU, LSTM; the fastest on CPU and
     batch-independent; builds a C kernel at load, so the replica needs a C compiler)."""
     threads: int = 0
-    """torch threads per replica; 0 keeps Ray's default (the replica's `num_cpus`)."""
+    """CPU threads per replica; 0 keeps Ray's default (the replica's `num_cpus`). fp32/bf16:
+    torch's intra-op threads. int8: the native step's own threads, which share out the rows of
+    a batch above 32 (`generate.cpu_threads`)."""
 
     def __post_init__(self):
         check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")

@@ -228,6 +228,22 @@ def pick_device(name: str) -> str:
     return name
 
 
+def cpu_threads(precision: str, threads: int = 0) -> int:
+    """Sets torch's CPU threads for generating in `precision` with `threads` threads (0: torch's
+    count now) and returns the count to build the `Generator` with.
+
+    fp32 and bf16: torch's intra-op threads do the work, as does int8 without AMX (through
+    `torch._int_mm`). int8 with AMX: the kernel's own threads step the rows
+    (`quantized.Int8Stepper`), and torch keeps one thread for its small bookkeeping ops. Its idle
+    workers spin for milliseconds after each parallel op, on the cores the kernel's helpers need:
+    with both at two threads, a 64-row prefill took 7.5 ms against 4.4 and a 64-row step in the
+    engine 170-200 us against 147."""
+    from charrnn.quantized import own_threads
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(1 if precision == "int8" and own_threads() else threads)
+    return threads
+
+
 class Generator:
     """A loaded checkpoint ready to complete prompts the way it was trained to read them.
 
@@ -238,7 +254,9 @@ class Generator:
 
     PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
-    def __init__(self, loaded, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, loaded, device: str = "cpu", precision: str = "fp32",
+                 threads: int | None = None):
+        """`threads`: the int8 step's own threads (`cpu_threads`; default torch's count)."""
         if precision not in self.PRECISIONS:
             raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
         self.loaded = loaded
@@ -248,7 +266,7 @@ class Generator:
         self.dtype = self.PRECISIONS[precision]  # of the per-character steps (bf16, int8: faster)
         # Built once (int8: quantised and packed) for every `complete` call and Serve's engine;
         # a GRU, a GPU or no C compiler for int8 is one error now, not later.
-        self.stepper = make_stepper(self.model, self.dtype)
+        self.stepper = make_stepper(self.model, self.dtype, threads)
 
     def prepare(self, prompts: Sequence[str], oov: str = "error") -> list[str]:
         from charrnn.corpus import normalize_prompt

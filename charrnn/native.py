@@ -47,7 +47,7 @@ def flag_sets() -> list[list[str]]:
     elsewhere (a top_p of 1e-320, say) silently became 0. In the kernel, reciprocal estimates
     instead of divisions (-mrecip, which needs the unsafe-math flags) made the gate pass 15%
     faster; its inputs are finite sums and logits."""
-    base = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
+    base = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-pthread"]
     native = ["-march=native"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         # gcc picks 256-bit vectors by default, half as fast here
@@ -94,7 +94,7 @@ def _build() -> ctypes.CDLL:
         for flags in flag_sets():
             openmp = ["-fopenmp"] if "-fopenmp" in flags else []  # links libgomp
             refused = (_run([cc, *flags, "-c", str(SOURCE), "-o", str(obj)])
-                       or _run([cc, "-shared", *openmp, str(obj), "-o", str(out)]))
+                       or _run([cc, "-shared", "-pthread", *openmp, str(obj), "-o", str(out)]))
             if refused is None:
                 lib = ctypes.CDLL(str(out))  # mapped now: the file may go with the directory
                 break
@@ -116,7 +116,8 @@ def _build() -> ctypes.CDLL:
 class StepArgs(ctypes.Structure):
     """`step_args` of csrc/lstm_int8.c, field for field (see its comments)."""
 
-    _fields_ = [*((name, ctypes.c_int) for name in ("B", "M", "H", "L", "ub", "V", "K0", "K1", "N", "NV")),
+    _fields_ = [*((name, ctypes.c_int) for name in (
+                    "B", "M", "H", "L", "ub", "V", "threads", "K0", "K1", "N", "NV")),
                 ("ids", ctypes.c_void_p), ("n_ids", ctypes.c_int64),
                 *((name, ctypes.c_void_p) for name in (
                     "w", "scale", "base", "head_bias", "x0", "xh", "acc", "head_acc",

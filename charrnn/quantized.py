@@ -27,6 +27,14 @@ from charrnn.sampling import RowControls, sample_next
 from charrnn.stepper import Stepper
 
 
+def own_threads() -> bool:
+    """Whether the int8 step runs on threads of its own (the AMX kernel's) rather than torch's."""
+    try:
+        return bool(native.kernel().amx_init())
+    except native.NativeBuildError:
+        return False
+
+
 def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (K, N) float -> int8 (K, N) and each column's factor (N,) back to w / 127 units:
     int32 sums of a 127-scaled int8 input times the int8 matrix, times the factor, are x @ w."""
@@ -67,7 +75,10 @@ def quantize_h(h: torch.Tensor) -> torch.Tensor:
 class Int8Stepper:
     """One recurrent step for a batch: ids (B,) int64 + state -> logits (B, V) fp32 + state.
 
-    State: per-layer lists of hq (B, H) int8 and c (B, H) fp32. CPU only. Each thread keeps
+    State: per-layer lists of hq (B, H) int8 and c (B, H) fp32. CPU only. `threads`: threads
+    of the AMX step (default: torch's intra-op count); above 32 rows its blocks of 32 rows are
+    shared out between the caller and up to threads - 1 helper threads of the kernel's own, and
+    a row's numbers do not depend on which thread stepped it. Each thread keeps
     its own scratch (the GEMMs' inputs and int32 sums) per batch size rounded up to 32, reused
     from step to step: fresh buffers each step ran about 20% slower, out of cache. For the AMX
     kernel it is padded (rows to 32, inputs to 64 columns, sums to 32; input padding stays 0).
@@ -77,7 +88,10 @@ class Int8Stepper:
     dtype = torch.int8
     steps_prompts = True  # prompts go through this step too (generate.prefill_calls), not nn.LSTM
 
-    def __init__(self, model: CharRNN):
+    def __init__(self, model: CharRNN, threads: int | None = None):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads or torch.get_num_threads()
         fp = Stepper(model)  # fp32: the table, the reordered gates, the concatenated weights
         if not fp.fused:
             raise CharrnnError("precision int8 steps LSTM models only; this checkpoint is a GRU: "
@@ -172,6 +186,7 @@ class Int8Stepper:
         """The whole step in one native call (csrc/lstm_int8.c, lstm_step_amx)."""
         a = s.args
         a.B, a.ids, a.logits = B, ids.data_ptr(), logits.data_ptr()
+        a.threads = self.threads
         for ptrs, tensors in zip(s.states, (hs, cs, new_h, new_c)):
             for i, t in enumerate(tensors):
                 ptrs[i] = t.data_ptr()

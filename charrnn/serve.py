@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 
-import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -34,7 +33,7 @@ from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
 from charrnn.follow import Follower
-from charrnn.generate import Generator, pick_device
+from charrnn.generate import Generator, cpu_threads, pick_device
 from charrnn.sampling import SampleParams
 
 app = api.api  # the FastAPI app (routes below, request schema and errors in api.py)
@@ -101,8 +100,7 @@ def _public(info: dict) -> dict:
 class CharRNNServer:
     def __init__(self, config: dict):
         self.cfg = serve_config_from_args(config)
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        self.threads = cpu_threads(self.cfg.precision, self.cfg.threads)
         self.token = api.api_token(self.cfg.api_token_env)
         self.device = pick_device(self.cfg.device)
         self.batch_sizes: Counter = Counter()
@@ -115,7 +113,7 @@ class CharRNNServer:
     # ----- model loading (hot swaps: follow.py) -------------------------------------------
     def _load(self, uri: str) -> Generator:
         loaded = checkpoint.load(uri, self.device)
-        g = Generator(loaded, self.device, self.cfg.precision)
+        g = Generator(loaded, self.device, self.cfg.precision, self.threads)
         g.engine = Engine(g.model, g.vocab, self.device, g.dtype, g.stepper)
         m = loaded.meta
         g.info = {"run": m.get("run"), "checkpoint": loaded.uri, "step": m.get("step"),

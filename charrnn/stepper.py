@@ -14,11 +14,12 @@ from charrnn.model import CharRNN
 from charrnn.sampling import sample_next
 
 
-def make_stepper(model: CharRNN, dtype: torch.dtype = torch.float32):
-    """The step for `dtype`: fp32 or bf16 (`Stepper`), or int8 (`quantized.Int8Stepper`, CPU)."""
+def make_stepper(model: CharRNN, dtype: torch.dtype = torch.float32, threads: int | None = None):
+    """The step for `dtype`: fp32 or bf16 (`Stepper`), or int8 (`quantized.Int8Stepper`, CPU,
+    stepping with `threads` threads of its own)."""
     if dtype == torch.int8:
         from charrnn.quantized import Int8Stepper  # it builds on Stepper
-        return Int8Stepper(model)
+        return Int8Stepper(model, threads)
     return Stepper(model, dtype)
 
 

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             write(args, i, prompts[i], c, model.get("run"))
         return 0
     from charrnn import checkpoint
-    from charrnn.generate import Generator, pick_device
+    from charrnn.generate import Generator, cpu_threads, pick_device
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         prompts.append(random_prompt(text, data.seq_len, args.seed))
     if not prompts:
         raise CharrnnError("give --prompt, --prompts-file or --random-prompt")
-    completions = Generator(loaded, device, args.precision).complete(
+    completions = Generator(loaded, device, args.precision, cpu_threads(args.precision)).complete(
         prompts, params, args.oov, progress=progress_line(len(prompts)))
     run = loaded.meta.get("run")
     # Written batch by batch, so a long run that is stopped keeps what it got.

@@ -221,3 +221,21 @@ def test_empty_prompt_starts_from_a_character_the_vocabulary_has():
         m = CharRNN(ModelConfig(vocab_size=len(vocab), embedding_dim=4, hidden_size=8)).eval()
         out = generate(m, vocab, ["", "a" if "a" in vocab.index else "x"], SampleParams(10, seed=1))
         assert len(out[0]) == 10 and not vocab.unknown(out[0])
+
+
+def test_row_streams_depend_on_their_seed_alone():
+    """A row's uniforms come from its seed alone (counter-based, SplitMix64): not from its
+    length, its neighbours or the batch; seeds past 64 bits stay distinct; None draws anew."""
+    from charrnn.sampling import RowControls, uniforms
+    u = uniforms([7, 8, None, 2**64 + 7, 10**30], 300)
+    assert u.dtype == np.float32 and u.shape == (5, 300) and (u >= 0).all() and (u < 1).all()
+    assert np.array_equal(uniforms([7], 100)[0], u[0, :100])
+    assert np.array_equal(uniforms([8, 7], 300)[1], u[0])
+    assert len({row.tobytes() for row in u}) == 5
+    assert not np.array_equal(uniforms([None], 50), uniforms([None], 50))
+    many = uniforms(list(range(200)), 500)
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.var() - 1 / 12) < 0.005
+    rc = RowControls([SampleParams(5, seed=3), SampleParams(0, seed=4), SampleParams(9, seed=7)], "cpu")
+    want = np.zeros((3, 9), np.float32)
+    want[0, :5], want[2] = uniforms([3], 5)[0], uniforms([7], 9)[0]
+    assert np.array_equal(rc.uniforms.numpy(), want)  # zero past each row's length

@@ -151,6 +151,98 @@ def test_the_amx_step_is_exactly_the_int_mm_step(hidden, layers, rows):
         assert torch.equal(x, y)
 
 
+def _steps(step, ids, start):
+    """Logits of every step of ids (B, T) from `start`, and the last state."""
+    out, state = [], start
+    for t in range(ids.shape[1]):
+        logits, state = step(ids[:, t], state)
+        out.append(logits)
+    return torch.stack(out), state
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [33, 64, 100, 129])
+def test_the_amx_step_gives_the_same_numbers_on_any_number_of_threads(rows):
+    """Above 32 rows the blocks of 32 are shared out between the caller and the kernel's
+    helper threads: every row's numbers are those of one thread stepping them all."""
+    model = lstm(hidden=64, layers=2)
+    ids = torch.randint(0, len(VOCAB), (rows, 6))
+    alone = Int8Stepper(model, threads=1)
+    start = alone.state_in((torch.rand(2, rows, 64) * 2 - 1, torch.randn(2, rows, 64)))
+    want, (wh, wc) = _steps(alone, ids, start)
+    for threads in (2, 3, 5):
+        got, (h, c) = _steps(Int8Stepper(model, threads=threads), ids, start)
+        assert torch.equal(got, want)
+        assert all(torch.equal(x, y) for x, y in zip(h + c, wh + wc))
+
+
+@needs_amx
+def test_steps_from_several_threads_share_the_helpers_safely():
+    """Two engines stepping at once (a hot swap) and the helpers serve one step at a time: the
+    other runs alone. Every result is exact, over many steps in both threads."""
+    model = lstm(hidden=64, layers=2)
+    ids = torch.randint(0, len(VOCAB), (96, 40))
+    start = Int8Stepper(model, threads=1).state_in((torch.zeros(2, 96, 64), torch.zeros(2, 96, 64)))
+    want, _ = _steps(Int8Stepper(model, threads=1), ids, start)
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(5):
+                results.append(_steps(Int8Stepper(model, threads=2), ids, start)[0])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 15
+    assert all(torch.equal(r, want) for r in results)
+
+
+@needs_amx
+def test_a_forked_child_starts_helpers_of_its_own():
+    """A forked child has none of its parent's helper threads: it starts its own (one more
+    thread in the child after its first shared step) and steps exactly as the parent."""
+    import multiprocessing as mp
+    import os
+    model = lstm(hidden=64, layers=1)
+    step = Int8Stepper(model, threads=2)
+    ids = torch.randint(0, len(VOCAB), (64, 4))
+    start = step.state_in((torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)))
+    want, _ = _steps(step, ids, start)  # the parent's helper runs now
+
+    def child():
+        before = len(os.listdir("/proc/self/task"))
+        out = _steps(step, ids, start)[0].numpy()
+        q.put((out, len(os.listdir("/proc/self/task")) - before))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child)
+    p.start()
+    got, new_threads = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0 and np.array_equal(got, want.numpy()) and new_threads >= 1
+
+
+def test_thread_counts_for_generation():
+    """int8 with AMX: the kernel gets the threads and torch keeps one for its bookkeeping (its
+    idle workers would spin on the helpers' cores); otherwise torch gets them."""
+    from charrnn.generate import cpu_threads
+    before = torch.get_num_threads()
+    try:
+        assert cpu_threads("int8", 3) == 3 and torch.get_num_threads() == (1 if has_amx() else 3)
+        assert cpu_threads("fp32", 2) == 2 and torch.get_num_threads() == 2
+        assert cpu_threads("bf16") == 2 and torch.get_num_threads() == 2  # 0: torch's count now
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Int8Stepper(lstm(hidden=32), threads=0)
+
+
 @needs_cc
 def test_prompts_through_the_int8_step_match_feeding_each_alone():
     """The int8 prefill runs its rows longest first through views; each row's logits and state

@@ -9,8 +9,8 @@
    - sample_rows: plain temperature sampling (and greedy rows) for a batch, as
      charrnn/sampling.py's sample_next does it without top-k or top-p.
    - On CPUs with AMX (Intel Sapphire Rapids and later), amx_gemm and lstm_step_amx: the GEMMs
-     on the tile units, weights packed once, and the whole step in one call and one parallel
-     region. */
+     on the tile units, weights packed once, and the whole step in one call; above 32 rows its
+     blocks of 32 rows are shared out to helper threads of its own. */
 #include <stdint.h>
 #include <string.h>
 
@@ -215,6 +215,7 @@ void amx_gemm(int M, int N, int K, const int8_t *A, const int8_t *Bp, int32_t *C
 /* Everything one step needs; charrnn/native.py mirrors it as a ctypes Structure. */
 typedef struct {
   int B, M, H, L, ub, V;      /* rows, rows padded to 32, units, layers, gate block, vocabulary */
+  int threads;                /* threads for the step (the caller and its helpers) */
   int K0, K1, N, NV;          /* padded widths: layer 0's input, later inputs, 4H, the head's */
   const int64_t *ids;         /* (B,) */
   int64_t n_ids;              /* the table's rows */
@@ -231,47 +232,203 @@ typedef struct {
   float *logits;              /* (B, V) */
 } step_args;
 
-/* The whole step: per layer its input (h in, and x from the layer below), the GEMM and the
-   gate pass; then the head. One parallel region, its phases split by barriers. Returns how many
+/* The whole step for row blocks i0..i1-1 (32 rows each; rows b0..b1-1 of the batch): per layer
+   its input (h in, and x from the layer below), the GEMM and the gate pass; then the head.
+   Rows are independent: threads that take different blocks need no barrier. */
+static void step_rows(const step_args *s, int i0, int i1) {
+  const int H = s->H, ub = s->ub;
+  const int b0 = i0 * 32, b1 = i1 * 32 < s->B ? i1 * 32 : s->B;
+  for (int l = 0; l < s->L; l++) {
+    int8_t *x = l ? s->xh : s->x0;
+    const int K = l ? s->K1 : s->K0;
+    for (int b = b0; b < b1; b++) /* the layer's own h; layer l > 0 has x from below at 0 */
+      memcpy(x + (int64_t)b * K + (l ? H : 0), s->h_in[l] + (int64_t)b * H, H);
+    for (int j = 0; j < s->N / 32; j++)
+      for (int i = i0; i < i1; i++)
+        amx_block(i, j, s->N, K, x, s->w[l], s->acc);
+    int8_t *up = l + 1 < s->L ? s->xh : s->x0;
+    const int up_stride = l + 1 < s->L ? s->K1 : s->K0;
+    for (int b = b0; b < b1; b++)
+      for (int k = 0; k < H / ub; k++) {
+        const int64_t r = l ? 0 : s->ids[b], col = (int64_t)k * 4 * ub, unit = (int64_t)k * ub;
+        gate_block(ub, s->acc + (int64_t)b * s->N + col, s->scale[l] + col,
+                   s->base[l] + r * 4 * H + col, s->c_in[l] + (int64_t)b * H + unit,
+                   s->c_out[l] + (int64_t)b * H + unit, s->h_out[l] + (int64_t)b * H + unit,
+                   up + (int64_t)b * up_stride + unit);
+      }
+  }
+  for (int j = 0; j < s->NV / 32; j++)
+    for (int i = i0; i < i1; i++)
+      amx_block(i, j, s->NV, s->K0, s->x0, s->w[s->L], s->head_acc);
+  dequantize(b1 - b0, s->V, s->head_acc + (int64_t)b0 * s->NV, s->NV, s->scale[s->L],
+             s->head_bias, s->logits + (int64_t)b0 * s->V);
+}
+
+/* Threads for a step of more than 32 rows. Its blocks of 32 rows are independent, and the
+   caller and the kernel's helper threads claim them one at a time from a shared counter, so no
+   one waits at a barrier: a helper that is not running (the OS gave its core to another thread)
+   claims nothing, and the caller steps the rest itself, no slower than alone. The counter word
+   holds the step's number too, so a helper that wakes late cannot claim a block of a later
+   step. Not OpenMP: a Serve replica steps from its engine thread, libgomp gives every thread
+   that starts parallel regions its own pool and, with more pool threads than cores, throttles
+   their spinning, and two threads made a 64-row step slower than one. A helper waits for the
+   next step polling (and yielding its core) for SPIN_NS, longer than the gap between two steps
+   of a batch, then asleep on a futex. */
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#define MAX_HELPERS 15
+#define SPIN_NS 200000
+
+static struct {
+  _Atomic uint32_t go;        /* steps posted so far: helpers wait for it to change */
+  _Atomic uint64_t claim;     /* step << 32 | its blocks << 16 | the next unclaimed block */
+  _Atomic uint32_t done;      /* blocks of the posted step finished */
+  _Atomic int invited;        /* helpers 0 .. invited-1 take part in it */
+  _Atomic int sleepers;       /* helpers asleep on go */
+  _Atomic int waiting;        /* the caller asleep on done */
+  const step_args *_Atomic s; /* the posted step */
+  int started;                /* helper threads running (they live as long as the process) */
+} pool;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one step at a time posts */
+
+static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
+  return syscall(SYS_futex, (uint32_t *)addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
+}
+
+static int64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Waits until *addr is no longer `old`: polling for SPIN_NS, yielding the core between polls
+   (should the other side be queued on this core, it runs now rather than after a time slice),
+   then asleep, counted in *sleeping (the other side wakes the futex when it sees a sleeper
+   after changing *addr). Returns the new value. */
+static uint32_t wait_change(_Atomic uint32_t *addr, uint32_t old, _Atomic int *sleeping) {
+  uint32_t v;
+  const int64_t until = now_ns() + SPIN_NS;
+  for (int i = 1; (v = atomic_load(addr)) == old; i++) {
+    if (i < 16) {
+      _mm_pause();
+      continue;
+    }
+    sched_yield();
+    if (now_ns() > until) {
+      atomic_fetch_add(sleeping, 1);
+      while ((v = atomic_load(addr)) == old)
+        futex(addr, FUTEX_WAIT, old);
+      atomic_fetch_sub(sleeping, 1);
+      break;
+    }
+  }
+  return v;
+}
+
+/* The next block of step `step`, or -1 when it has none left (or a later step is posted). */
+static int claim(uint32_t step) {
+  uint64_t c = atomic_load(&pool.claim);
+  for (;;) {
+    if ((uint32_t)(c >> 32) != step || (c & 0xffff) >= ((c >> 16) & 0xffff))
+      return -1;
+    if (atomic_compare_exchange_weak(&pool.claim, &c, c + 1))
+      return (int)(c & 0xffff);
+  }
+}
+
+/* Steps the blocks this thread claims; how many. */
+static int step_claimed(const step_args *s, uint32_t step) {
+  int n = 0;
+  for (int i; (i = claim(step)) >= 0; n++) {
+    if (!n)
+      load_tiles(); /* the tile registers are per thread */
+    step_rows(s, i, i + 1);
+    atomic_fetch_add(&pool.done, 1);
+    if (atomic_load(&pool.waiting))
+      futex(&pool.done, FUTEX_WAKE, 1);
+  }
+  if (n)
+    _tile_release();
+  return n;
+}
+
+static void *helper_main(void *arg) {
+  const int me = (int)(intptr_t)arg;
+  uint32_t seen = 0;
+  for (;;) {
+    seen = wait_change(&pool.go, seen, &pool.sleepers);
+    if (me < atomic_load(&pool.invited))
+      step_claimed(atomic_load(&pool.s), seen); /* claims check that `seen` is still posted */
+  }
+  return NULL;
+}
+
+/* Helpers up to n (called with pool_lock held); how many run. */
+static int start_helpers(int n) {
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old); /* signals stay with the process's own threads */
+  while (pool.started < n) {
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int err = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)pool.started);
+    pthread_attr_destroy(&attr);
+    if (err)
+      break; /* fewer helpers: the caller steps what they do not */
+    pool.started++;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return pool.started;
+}
+
+/* A forked child has none of its parent's helper threads. */
+static void forget_helpers(void) {
+  memset(&pool, 0, sizeof pool);
+  pthread_mutex_init(&pool_lock, NULL);
+}
+static pthread_once_t fork_hook = PTHREAD_ONCE_INIT;
+static void install_fork_hook(void) { pthread_atfork(NULL, NULL, forget_helpers); }
+
+/* The whole step, on s->threads threads at most (one per block of 32 rows). Returns how many
    ids were out of range; then nothing is written. */
 int lstm_step_amx(const step_args *s) {
   int bad = out_of_range(s->B, s->ids, s->n_ids);
   if (bad)
     return bad;
-  const int H = s->H, ub = s->ub, B = s->B;
-#pragma omp parallel
-  {
+  const int blocks = (s->B + 31) / 32;
+  int helpers = (s->threads < blocks ? s->threads : blocks) - 1;
+  helpers = helpers < MAX_HELPERS ? helpers : MAX_HELPERS;
+  /* One block, one thread asked for, more blocks than a claim counts, or another thread's step
+     holds the helpers (two models serving during a hot swap): this one steps alone. */
+  if (helpers < 1 || blocks > 0xffff || pthread_mutex_trylock(&pool_lock) != 0) {
     load_tiles();
-    for (int l = 0; l < s->L; l++) {
-      int8_t *x = l ? s->xh : s->x0;
-      const int K = l ? s->K1 : s->K0;
-#pragma omp for
-      for (int b = 0; b < B; b++) /* the layer's own h; layer l > 0 has x from below at 0 */
-        memcpy(x + (int64_t)b * K + (l ? H : 0), s->h_in[l] + (int64_t)b * H, H);
-#pragma omp for collapse(2) schedule(static)
-      for (int j = 0; j < s->N / 32; j++)
-        for (int i = 0; i < s->M / 32; i++)
-          amx_block(i, j, s->N, K, x, s->w[l], s->acc);
-      /* h goes on to the next layer's x, or to the head's input (layer 0's, consumed by now) */
-      int8_t *up = l + 1 < s->L ? s->xh : s->x0;
-      const int up_stride = l + 1 < s->L ? s->K1 : s->K0;
-#pragma omp for collapse(2) schedule(static)
-      for (int k = 0; k < H / ub; k++)
-        for (int b = 0; b < B; b++) {
-          const int64_t r = l ? 0 : s->ids[b], col = (int64_t)k * 4 * ub, unit = (int64_t)k * ub;
-          gate_block(ub, s->acc + (int64_t)b * s->N + col, s->scale[l] + col,
-                     s->base[l] + r * 4 * H + col, s->c_in[l] + (int64_t)b * H + unit,
-                     s->c_out[l] + (int64_t)b * H + unit, s->h_out[l] + (int64_t)b * H + unit,
-                     up + (int64_t)b * up_stride + unit);
-        }
-    }
-#pragma omp for collapse(2) schedule(static)
-    for (int j = 0; j < s->NV / 32; j++)
-      for (int i = 0; i < s->M / 32; i++)
-        amx_block(i, j, s->NV, s->K0, s->x0, s->w[s->L], s->head_acc);
+    step_rows(s, 0, blocks);
     _tile_release();
+    return 0;
   }
-  dequantize(B, s->V, s->head_acc, s->NV, s->scale[s->L], s->head_bias, s->logits);
+  pthread_once(&fork_hook, install_fork_hook);
+  const int running = start_helpers(helpers);
+  helpers = running < helpers ? running : helpers;
+  const uint32_t step = atomic_load(&pool.go) + 1;
+  atomic_store(&pool.s, s);
+  atomic_store(&pool.done, 0);
+  atomic_store(&pool.invited, helpers);
+  atomic_store(&pool.claim, (uint64_t)step << 32 | (uint64_t)blocks << 16);
+  atomic_store(&pool.go, step);
+  if (atomic_load(&pool.sleepers))
+    futex(&pool.go, FUTEX_WAKE, INT_MAX);
+  step_claimed(s, step);
+  for (uint32_t d; (d = atomic_load(&pool.done)) != (uint32_t)blocks;)
+    wait_change(&pool.done, d, &pool.waiting); /* blocks a helper claimed, still running */
+  pthread_mutex_unlock(&pool_lock);
   return 0;
 }
 #else
