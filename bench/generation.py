@@ -28,10 +28,10 @@ from argtypes import at_least, load_checkpoint  # bench/, first on sys.path when
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn.generate import cpu_threads, generate, pick_device  # noqa: E402
+from charrnn.generate import generate, pick_device  # noqa: E402
 from charrnn.model import CharRNN, ModelConfig  # noqa: E402
 from charrnn.sampling import SampleParams  # noqa: E402
-from charrnn.stepper import make_stepper  # noqa: E402
+from charrnn.stepper import cpu_threads, make_stepper  # noqa: E402
 from charrnn.vocab import Vocab  # noqa: E402
 
 

@@ -83,8 +83,9 @@ def engine_gain(uri, args) -> dict:
 
     from charrnn import checkpoint
     from charrnn.engine import DONE, Engine
-    from charrnn.generate import Generator, cpu_threads
+    from charrnn.generate import Generator
     from charrnn.sampling import SampleParams
+    from charrnn.stepper import cpu_threads
     threads = torch.get_num_threads()
     # as the replica sets them (a replica with num_cpus=1 runs one thread)
     gen = Generator(checkpoint.load(str(uri)), precision=args.precision,

@@ -286,7 +286,7 @@ class ServeConfig:
     threads: int = 0
     """CPU threads per replica; 0 keeps Ray's default (the replica's `num_cpus`). fp32/bf16:
     torch's intra-op threads. int8: the native step's own threads, which share out the rows of
-    a batch above 32 (`generate.cpu_threads`)."""
+    a batch above 32 (`stepper.cpu_threads`)."""
 
     def __post_init__(self):
         check(bool(self.checkpoint), "serve: `checkpoint` (a winner.json, run or checkpoint URI) is required")

@@ -228,22 +228,6 @@ def pick_device(name: str) -> str:
     return name
 
 
-def cpu_threads(precision: str, threads: int = 0) -> int:
-    """Sets torch's CPU threads for generating in `precision` with `threads` threads (0: torch's
-    count now) and returns the count to build the `Generator` with.
-
-    fp32 and bf16: torch's intra-op threads do the work, as does int8 without AMX (through
-    `torch._int_mm`). int8 with AMX: the kernel's own threads step the rows
-    (`quantized.Int8Stepper`), and torch keeps one thread for its small bookkeeping ops. Its idle
-    workers spin for milliseconds after each parallel op, on the cores the kernel's helpers need:
-    with both at two threads, a 64-row prefill took 7.5 ms against 4.4 and a 64-row step in the
-    engine 170-200 us against 147."""
-    from charrnn.quantized import own_threads
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(1 if precision == "int8" and own_threads() else threads)
-    return threads
-
-
 class Generator:
     """A loaded checkpoint ready to complete prompts the way it was trained to read them.
 
@@ -256,7 +240,7 @@ class Generator:
 
     def __init__(self, loaded, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None):
-        """`threads`: the int8 step's own threads (`cpu_threads`; default torch's count)."""
+        """`threads`: the int8 step's own threads (`stepper.cpu_threads`; default torch's count)."""
         if precision not in self.PRECISIONS:
             raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
         self.loaded = loaded

@@ -5,7 +5,8 @@ Why C: the int8 step's gate math (`quantized.py`) in torch ops is eleven calls o
 slices a layer, which at 64 rows cost more than its int8 GEMMs; the kernel does it in one
 vectorised pass. Why built per process rather than shipped: `-march=native` compiles for the CPU
 that runs it, and the build takes about half a second, so nothing is cached or shared between
-machines. OpenMP splits the rows over torch's threads: torch's wheels bring their own
+machines. The AMX step shares out its rows over helper threads of its own (`csrc/blocks.h`);
+the path without AMX splits them with OpenMP over torch's threads: torch's wheels bring their own
 `libgomp.so.1`, and the kernel's reference to that name binds to the copy already loaded, so the
 two share one runtime and one thread count (`torch.set_num_threads`).
 """

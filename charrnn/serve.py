@@ -33,8 +33,9 @@ from charrnn.config import serve_config_from_args
 from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
 from charrnn.follow import Follower
-from charrnn.generate import Generator, cpu_threads, pick_device
+from charrnn.generate import Generator, pick_device
 from charrnn.sampling import SampleParams
+from charrnn.stepper import cpu_threads
 
 app = api.api  # the FastAPI app (routes below, request schema and errors in api.py)
 log = logging.getLogger("ray.serve")

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
             write(args, i, prompts[i], c, model.get("run"))
         return 0
     from charrnn import checkpoint
-    from charrnn.generate import Generator, cpu_threads, pick_device
+    from charrnn.generate import Generator, pick_device
+    from charrnn.stepper import cpu_threads
     try:
         device = pick_device(args.device)
     except ValueError as e:

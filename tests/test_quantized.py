@@ -228,10 +228,24 @@ def test_a_forked_child_starts_helpers_of_its_own():
     assert p.exitcode == 0 and np.array_equal(got, want.numpy()) and new_threads >= 1
 
 
+def test_the_kernel_sources_ship_with_the_package():
+    """Every file of csrc/ (the kernel and the header it includes) is package data, so an
+    installed charrnn (the Dockerfile's `pip install .`) builds the kernel too."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+    csrc = Path(native.SOURCE).parent
+    pyproject = tomllib.loads((csrc.parent.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["charrnn"]
+    for f in csrc.iterdir():
+        assert any(fnmatch.fnmatch(f"csrc/{f.name}", g) for g in globs), f.name
+
+
 def test_thread_counts_for_generation():
     """int8 with AMX: the kernel gets the threads and torch keeps one for its bookkeeping (its
     idle workers would spin on the helpers' cores); otherwise torch gets them."""
-    from charrnn.generate import cpu_threads
+    from charrnn.stepper import cpu_threads
     before = torch.get_num_threads()
     try:
         assert cpu_threads("int8", 3) == 3 and torch.get_num_threads() == (1 if has_amx() else 3)

@@ -159,17 +159,16 @@ typedef struct {
    1 when granted (oneDNN may have asked already), 0 when not (then torch._int_mm is used). */
 int amx_init(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
-/* Tiles 0-3: 16 x 16 int32 sums; 4-5: A, 16 rows x 64 int8; 6-7: B, 16 rows x 64 int8. */
-static void load_tiles(void) {
-  tile_config cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+/* Tiles 0-3: 16 x 16 int32 sums; 4-5: A, 16 rows x 64 int8; 6-7: B, 16 rows x 64 int8.
+   A constant, not filled in on the stack: GCC 12's _tile_loadconfig tells the compiler it reads
+   8 bytes of its 64, so the stores of the rows and widths were dropped as dead, and LDTILECFG
+   read whatever the stack held there (a fault, once the helper threads called it). */
+static const tile_config TILES = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+static void load_tiles(void) { _tile_loadconfig(&TILES); }
 
 /* Output block (32 rows from i*32, 32 columns from j*32) of C (M, N) int32 = A (M, K) int8 @ B,
    B packed four rows at a time, (K/4, 4N): packed[k4][4n + r] = B[4 k4 + r][n]. */
@@ -264,171 +263,20 @@ static void step_rows(const step_args *s, int i0, int i1) {
              s->head_bias, s->logits + (int64_t)b0 * s->V);
 }
 
-/* Threads for a step of more than 32 rows. Its blocks of 32 rows are independent, and the
-   caller and the kernel's helper threads claim them one at a time from a shared counter, so no
-   one waits at a barrier: a helper that is not running (the OS gave its core to another thread)
-   claims nothing, and the caller steps the rest itself, no slower than alone. The counter word
-   holds the step's number too, so a helper that wakes late cannot claim a block of a later
-   step. Not OpenMP: a Serve replica steps from its engine thread, libgomp gives every thread
-   that starts parallel regions its own pool and, with more pool threads than cores, throttles
-   their spinning, and two threads made a 64-row step slower than one. A helper waits for the
-   next step polling (and yielding its core) for SPIN_NS, longer than the gap between two steps
-   of a batch, then asleep on a futex. */
-#include <limits.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <sched.h>
-#include <signal.h>
-#include <stdatomic.h>
-#include <time.h>
+#include "blocks.h" /* run_blocks: independent blocks of work on the caller and helper threads */
 
-#define MAX_HELPERS 15
-#define SPIN_NS 200000
+/* One block of 32 rows of a step (run_blocks' callbacks; the tile registers are per thread). */
+static void step_block(const void *s, int i) { step_rows(s, i, i + 1); }
+static void tiles_on(void) { load_tiles(); }
+static void tiles_off(void) { _tile_release(); }
 
-static struct {
-  _Atomic uint32_t go;        /* steps posted so far: helpers wait for it to change */
-  _Atomic uint64_t claim;     /* step << 32 | its blocks << 16 | the next unclaimed block */
-  _Atomic uint32_t done;      /* blocks of the posted step finished */
-  _Atomic int invited;        /* helpers 0 .. invited-1 take part in it */
-  _Atomic int sleepers;       /* helpers asleep on go */
-  _Atomic int waiting;        /* the caller asleep on done */
-  const step_args *_Atomic s; /* the posted step */
-  int started;                /* helper threads running (they live as long as the process) */
-} pool;
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one step at a time posts */
-
-static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
-  return syscall(SYS_futex, (uint32_t *)addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
-}
-
-static int64_t now_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-/* Waits until *addr is no longer `old`: polling for SPIN_NS, yielding the core between polls
-   (should the other side be queued on this core, it runs now rather than after a time slice),
-   then asleep, counted in *sleeping (the other side wakes the futex when it sees a sleeper
-   after changing *addr). Returns the new value. */
-static uint32_t wait_change(_Atomic uint32_t *addr, uint32_t old, _Atomic int *sleeping) {
-  uint32_t v;
-  const int64_t until = now_ns() + SPIN_NS;
-  for (int i = 1; (v = atomic_load(addr)) == old; i++) {
-    if (i < 16) {
-      _mm_pause();
-      continue;
-    }
-    sched_yield();
-    if (now_ns() > until) {
-      atomic_fetch_add(sleeping, 1);
-      while ((v = atomic_load(addr)) == old)
-        futex(addr, FUTEX_WAIT, old);
-      atomic_fetch_sub(sleeping, 1);
-      break;
-    }
-  }
-  return v;
-}
-
-/* The next block of step `step`, or -1 when it has none left (or a later step is posted). */
-static int claim(uint32_t step) {
-  uint64_t c = atomic_load(&pool.claim);
-  for (;;) {
-    if ((uint32_t)(c >> 32) != step || (c & 0xffff) >= ((c >> 16) & 0xffff))
-      return -1;
-    if (atomic_compare_exchange_weak(&pool.claim, &c, c + 1))
-      return (int)(c & 0xffff);
-  }
-}
-
-/* Steps the blocks this thread claims; how many. */
-static int step_claimed(const step_args *s, uint32_t step) {
-  int n = 0;
-  for (int i; (i = claim(step)) >= 0; n++) {
-    if (!n)
-      load_tiles(); /* the tile registers are per thread */
-    step_rows(s, i, i + 1);
-    atomic_fetch_add(&pool.done, 1);
-    if (atomic_load(&pool.waiting))
-      futex(&pool.done, FUTEX_WAKE, 1);
-  }
-  if (n)
-    _tile_release();
-  return n;
-}
-
-static void *helper_main(void *arg) {
-  const int me = (int)(intptr_t)arg;
-  uint32_t seen = 0;
-  for (;;) {
-    seen = wait_change(&pool.go, seen, &pool.sleepers);
-    if (me < atomic_load(&pool.invited))
-      step_claimed(atomic_load(&pool.s), seen); /* claims check that `seen` is still posted */
-  }
-  return NULL;
-}
-
-/* Helpers up to n (called with pool_lock held); how many run. */
-static int start_helpers(int n) {
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, &old); /* signals stay with the process's own threads */
-  while (pool.started < n) {
-    pthread_t t;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int err = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)pool.started);
-    pthread_attr_destroy(&attr);
-    if (err)
-      break; /* fewer helpers: the caller steps what they do not */
-    pool.started++;
-  }
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
-  return pool.started;
-}
-
-/* A forked child has none of its parent's helper threads. */
-static void forget_helpers(void) {
-  memset(&pool, 0, sizeof pool);
-  pthread_mutex_init(&pool_lock, NULL);
-}
-static pthread_once_t fork_hook = PTHREAD_ONCE_INIT;
-static void install_fork_hook(void) { pthread_atfork(NULL, NULL, forget_helpers); }
-
-/* The whole step, on s->threads threads at most (one per block of 32 rows). Returns how many
-   ids were out of range; then nothing is written. */
+/* The whole step, its blocks of 32 rows on s->threads threads at most (blocks.h). Returns how
+   many ids were out of range; then nothing is written. */
 int lstm_step_amx(const step_args *s) {
   int bad = out_of_range(s->B, s->ids, s->n_ids);
   if (bad)
     return bad;
-  const int blocks = (s->B + 31) / 32;
-  int helpers = (s->threads < blocks ? s->threads : blocks) - 1;
-  helpers = helpers < MAX_HELPERS ? helpers : MAX_HELPERS;
-  /* One block, one thread asked for, more blocks than a claim counts, or another thread's step
-     holds the helpers (two models serving during a hot swap): this one steps alone. */
-  if (helpers < 1 || blocks > 0xffff || pthread_mutex_trylock(&pool_lock) != 0) {
-    load_tiles();
-    step_rows(s, 0, blocks);
-    _tile_release();
-    return 0;
-  }
-  pthread_once(&fork_hook, install_fork_hook);
-  const int running = start_helpers(helpers);
-  helpers = running < helpers ? running : helpers;
-  const uint32_t step = atomic_load(&pool.go) + 1;
-  atomic_store(&pool.s, s);
-  atomic_store(&pool.done, 0);
-  atomic_store(&pool.invited, helpers);
-  atomic_store(&pool.claim, (uint64_t)step << 32 | (uint64_t)blocks << 16);
-  atomic_store(&pool.go, step);
-  if (atomic_load(&pool.sleepers))
-    futex(&pool.go, FUTEX_WAKE, INT_MAX);
-  step_claimed(s, step);
-  for (uint32_t d; (d = atomic_load(&pool.done)) != (uint32_t)blocks;)
-    wait_change(&pool.done, d, &pool.waiting); /* blocks a helper claimed, still running */
-  pthread_mutex_unlock(&pool_lock);
+  run_blocks((s->B + 31) / 32, s->threads, step_block, s, tiles_on, tiles_off);
   return 0;
 }
 #else
