@@ -118,7 +118,7 @@ class StepArgs(ctypes.Structure):
     """`step_args` of csrc/lstm_int8.c, field for field (see its comments)."""
 
     _fields_ = [*((name, ctypes.c_int) for name in (
-                    "B", "M", "H", "L", "ub", "V", "threads", "K0", "K1", "N", "NV")),
+                    "B", "H", "L", "ub", "V", "threads", "K0", "K1", "N", "NV")),
                 ("ids", ctypes.c_void_p), ("n_ids", ctypes.c_int64),
                 *((name, ctypes.c_void_p) for name in (
                     "w", "scale", "base", "head_bias", "x0", "xh", "acc", "head_acc",

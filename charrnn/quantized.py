@@ -27,8 +27,10 @@ from charrnn.sampling import RowControls, sample_next
 from charrnn.stepper import Stepper
 
 
-def own_threads() -> bool:
-    """Whether the int8 step runs on threads of its own (the AMX kernel's) rather than torch's."""
+def amx_available() -> bool:
+    """Whether the int8 step runs on the kernel's AMX code (this CPU and compiler have AMX, and
+    Linux grants it), and so on threads of its own rather than torch's; False where the kernel
+    cannot be built."""
     try:
         return bool(native.kernel().amx_init())
     except native.NativeBuildError:
@@ -109,7 +111,7 @@ class Int8Stepper:
         self.head_w, self.head_scale = quantize_columns(fp.head_w.float())  # (H, V), (V,)
         self.head_b = fp.head_b.float().contiguous()
         self.V = self.head_w.shape[1]
-        self.amx = bool(self.lib.amx_init())  # AMX in this CPU and compiler, and Linux allows it
+        self.amx = amx_available()
         if self.amx:  # the step's constants, as the kernel's pointer arrays
             self.packed = [pack_amx(w) for w in (*self.w, self.head_w)]
             self._ptrs = [_pointers(ts) for ts in (
@@ -172,7 +174,7 @@ class Int8Stepper:
             if self.amx:
                 s.states = [(ctypes.c_void_p * L)() for _ in range(4)]  # h, c in; h, c out
                 s.args = native.StepArgs(
-                    M=rows, H=H, L=L, ub=self.ub, V=self.V, K0=s.x0.shape[1], K1=s.xh.shape[1],
+                    H=H, L=L, ub=self.ub, V=self.V, K0=s.x0.shape[1], K1=s.xh.shape[1],
                     N=s.acc.shape[1], NV=s.head_acc.shape[1], n_ids=self.table.shape[0],
                     w=ctypes.addressof(self._ptrs[0]), scale=ctypes.addressof(self._ptrs[1]),
                     base=ctypes.addressof(self._ptrs[2]), head_bias=self.head_b.data_ptr(),

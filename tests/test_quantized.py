@@ -11,7 +11,7 @@ from charrnn.engine import DONE, Engine
 from charrnn.errors import CharrnnError
 from charrnn.generate import Generator, generate, prefill
 from charrnn.model import CharRNN, ModelConfig
-from charrnn.quantized import Int8Stepper, pack_amx, quantize_columns, quantize_h
+from charrnn.quantized import Int8Stepper, amx_available, pack_amx, quantize_columns, quantize_h
 from charrnn.sampling import RowControls, SampleParams, sample_next
 from charrnn.stepper import Stepper, make_stepper
 from charrnn.vocab import Vocab
@@ -22,11 +22,7 @@ VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")
 needs_cc = pytest.mark.skipif(native.compiler() is None, reason="no C compiler to build the int8 kernel")
 
 
-def has_amx() -> bool:
-    return native.compiler() is not None and bool(native.kernel().amx_init())
-
-
-needs_amx = pytest.mark.skipif(not has_amx(), reason="no AMX here (or no C compiler)")
+needs_amx = pytest.mark.skipif(not amx_available(), reason="no AMX here (or no C compiler)")
 
 
 def lstm(hidden=256, layers=2, cell="lstm", seed=0):
@@ -121,6 +117,15 @@ def test_engine_steps_int8_rows_like_offline_generation():
     assert out == generate(model, VOCAB, prompts, params, dtype=torch.int8)
 
 
+def _steps(step, ids, start):
+    """Logits of every step of ids (B, T) from `start`, and the last state."""
+    out, state = [], start
+    for t in range(ids.shape[1]):
+        logits, state = step(ids[:, t], state)
+        out.append(logits)
+    return torch.stack(out), state
+
+
 @needs_amx
 @pytest.mark.parametrize("M, K, N", [(32, 64, 32), (64, 512, 1024), (96, 192, 96)])
 def test_the_amx_gemm_is_exactly_int_mm(M, K, N):
@@ -142,22 +147,10 @@ def test_the_amx_step_is_exactly_the_int_mm_step(hidden, layers, rows):
     plain.amx = False
     ids = torch.randint(0, len(VOCAB), (rows, 12))
     start = amx.state_in((torch.rand(layers, rows, hidden) * 2 - 1, torch.randn(layers, rows, hidden)))
-    sa = sp = start
-    for t in range(12):
-        la, sa = amx(ids[:, t], sa)
-        lp, sp = plain(ids[:, t], sp)
-        assert torch.equal(la, lp)
+    (la, sa), (lp, sp) = _steps(amx, ids, start), _steps(plain, ids, start)
+    assert torch.equal(la, lp)
     for x, y in zip(sa[0] + sa[1], sp[0] + sp[1]):
         assert torch.equal(x, y)
-
-
-def _steps(step, ids, start):
-    """Logits of every step of ids (B, T) from `start`, and the last state."""
-    out, state = [], start
-    for t in range(ids.shape[1]):
-        logits, state = step(ids[:, t], state)
-        out.append(logits)
-    return torch.stack(out), state
 
 
 @needs_amx
@@ -248,7 +241,7 @@ def test_thread_counts_for_generation():
     from charrnn.stepper import cpu_threads
     before = torch.get_num_threads()
     try:
-        assert cpu_threads("int8", 3) == 3 and torch.get_num_threads() == (1 if has_amx() else 3)
+        assert cpu_threads("int8", 3) == 3 and torch.get_num_threads() == (1 if amx_available() else 3)
         assert cpu_threads("fp32", 2) == 2 and torch.get_num_threads() == 2
         assert cpu_threads("bf16") == 2 and torch.get_num_threads() == 2  # 0: torch's count now
     finally:

@@ -213,7 +213,7 @@ void amx_gemm(int M, int N, int K, const int8_t *A, const int8_t *Bp, int32_t *C
 
 /* Everything one step needs; charrnn/native.py mirrors it as a ctypes Structure. */
 typedef struct {
-  int B, M, H, L, ub, V;      /* rows, rows padded to 32, units, layers, gate block, vocabulary */
+  int B, H, L, ub, V;         /* rows, units, layers, gate block, vocabulary */
   int threads;                /* threads for the step (the caller and its helpers) */
   int K0, K1, N, NV;          /* padded widths: layer 0's input, later inputs, 4H, the head's */
   const int64_t *ids;         /* (B,) */
@@ -222,7 +222,8 @@ typedef struct {
   const float **scale;        /* L + 1 column factors */
   const float **base;         /* L: the table (n_ids, 4H), then each later layer's bias (4H) */
   const float *head_bias;     /* (V,) */
-  int8_t *x0, *xh;            /* scratch (M, K0): layer 0's and the head's input; (M, K1) */
+  int8_t *x0, *xh;            /* scratch, rows padded to 32 (M): (M, K0) layer 0's and the
+                                 head's input; (M, K1) */
   int32_t *acc, *head_acc;    /* scratch (M, N), (M, NV) */
   const int8_t **h_in;        /* L x (B, H) */
   const float **c_in;         /* L x (B, H) */
@@ -267,7 +268,6 @@ static void step_rows(const step_args *s, int i0, int i1) {
 
 /* One block of 32 rows of a step (run_blocks' callbacks; the tile registers are per thread). */
 static void step_block(const void *s, int i) { step_rows(s, i, i + 1); }
-static void tiles_on(void) { load_tiles(); }
 static void tiles_off(void) { _tile_release(); }
 
 /* The whole step, its blocks of 32 rows on s->threads threads at most (blocks.h). Returns how
@@ -276,7 +276,7 @@ int lstm_step_amx(const step_args *s) {
   int bad = out_of_range(s->B, s->ids, s->n_ids);
   if (bad)
     return bad;
-  run_blocks((s->B + 31) / 32, s->threads, step_block, s, tiles_on, tiles_off);
+  run_blocks((s->B + 31) / 32, s->threads, step_block, s, load_tiles, tiles_off);
   return 0;
 }
 #else
